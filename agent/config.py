@@ -1,0 +1,305 @@
+"""Configuration: TOML files validated by pydantic, overridden by the environment.
+
+Every key of CONTRACT 3 exists here under its contract name. Environment
+variables ``EDGE_AGENT__SECTION__KEY`` win over the file. Secrets may be given
+inline or as ``*_file`` paths. Unknown keys are errors (a typo must not be
+silently ignored on a box nobody watches), and every error is reported with its
+dotted key path: ``mqtt.port: must be 1..65535``.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tomllib
+from pathlib import Path
+from typing import Annotated, Any, Literal, TypeVar
+
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+
+from agent.errors import ConfigError, ConfigIssue
+
+DEFAULT_CONFIG_PATH = "/etc/edge-agent/agent.toml"
+CONFIG_ENV = "EDGE_AGENT_CONFIG"
+ENV_PREFIX = "EDGE_AGENT__"
+
+KINDS: tuple[str, ...] = ("sale", "plant", "scan", "sensor", "print", "device", "alarm")
+DEVICE_TYPES = ("scanner", "receipt_printer", "label_printer", "sensor")
+SITE_ID_RE = re.compile(r"^[a-z0-9-]{1,64}$")
+
+
+def _port(value: int) -> int:
+    if not 1 <= value <= 65535:
+        raise ValueError("must be 1..65535")
+    return value
+
+
+def _positive(value: float) -> float:
+    if value <= 0:
+        raise ValueError("must be greater than 0")
+    return value
+
+
+Port = Annotated[int, AfterValidator(_port)]
+PositiveInt = Annotated[int, AfterValidator(_positive)]
+PositiveFloat = Annotated[float, AfterValidator(_positive)]
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class SiteConfig(_Section):
+    id: str
+    name: str = ""
+    timezone: str = "UTC"
+
+    @field_validator("id")
+    @classmethod
+    def _site_id(cls, value: str) -> str:
+        if not SITE_ID_RE.match(value):
+            raise ValueError("must match [a-z0-9-]{1,64} (it is used in every MQTT topic)")
+        return value
+
+    @field_validator("timezone")
+    @classmethod
+    def _timezone(cls, value: str) -> str:
+        from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+        try:
+            ZoneInfo(value)
+        except (ZoneInfoNotFoundError, ValueError):
+            raise ValueError(f"unknown time zone {value!r} (use an IANA name such as "
+                             "'America/Denver')") from None
+        return value
+
+
+class MqttConfig(_Section):
+    hosts: list[str] = Field(default_factory=lambda: ["localhost"], min_length=1)
+    port: Port = 8883
+    tls: bool = True
+    ca_file: str = ""
+    cert_file: str = ""
+    key_file: str = ""
+    username: str = ""
+    password: str = Field(default="", repr=False)
+    password_file: str = ""
+    client_id: str = ""
+    topic_prefix: str = "edge"
+    keepalive_s: Annotated[int, AfterValidator(lambda v: _range(v, 5, 3600))] = 30
+    delivery: Literal["hq-ack", "broker-ack"] = "hq-ack"
+    ack_timeout_s: PositiveFloat = 30.0
+    # Beyond the contract: the developers' knobs.
+    protocol: Literal["5", "3.1.1"] = "5"
+    max_inflight: Annotated[int, AfterValidator(lambda v: _range(v, 1, 65535))] = 2000
+    connect_timeout_s: PositiveFloat = 5.0
+    backoff_min_s: PositiveFloat = 0.5
+    backoff_max_s: PositiveFloat = 30.0
+    health_interval_s: PositiveFloat = 30.0
+
+    @field_validator("topic_prefix")
+    @classmethod
+    def _prefix(cls, value: str) -> str:
+        if not value or any(c in value for c in "+#\0") or value.startswith("/"):
+            raise ValueError("must be a non-empty topic level without '+', '#' or leading '/'")
+        return value.rstrip("/")
+
+    @model_validator(mode="after")
+    def _files(self) -> MqttConfig:
+        if self.tls and bool(self.cert_file) != bool(self.key_file):
+            raise ValueError("cert_file and key_file go together (client certificate for mTLS)")
+        return self
+
+    def secret_password(self) -> str:
+        """The broker password, read from ``password_file`` when that is set."""
+        if self.password_file:
+            return Path(self.password_file).read_text(encoding="utf-8").strip()
+        return self.password
+
+
+def _range(value: int, low: int, high: int) -> int:
+    if not low <= value <= high:
+        raise ValueError(f"must be {low}..{high}")
+    return value
+
+
+class OutboxConfig(_Section):
+    path: str = "/var/lib/edge-agent/outbox"
+    max_bytes: Annotated[int, AfterValidator(lambda v: _range(v, 1 << 16, 1 << 50))] = 1 << 30
+    # Beyond the contract: the most events one group commit may hold.
+    max_batch: Annotated[int, AfterValidator(lambda v: _range(v, 1, 100_000))] = 2000
+    # A file kept beside the outbox and deleted to give SQLite room to delete
+    # when the disk is full (see agent/outbox.py).
+    ballast_bytes: Annotated[int, AfterValidator(lambda v: _range(v, 0, 1 << 30))] = 1 << 20
+
+
+class ComplianceConfig(_Section):
+    report_within_h: PositiveFloat = 24.0
+
+
+class ApiConfig(_Section):
+    bind: str = "0.0.0.0"  # noqa: S104 - the POS and tablets reach it over the LAN
+    port: Port = 8787
+    tokens_file: str = "/etc/edge-agent/tokens"
+    advertise: bool = True
+    advertise_interfaces: list[str] = Field(default_factory=list)
+
+
+class DeviceConfig(BaseModel):
+    """One ``[[devices]]`` entry; type-specific keys are checked by the driver."""
+
+    model_config = ConfigDict(extra="allow", frozen=True)
+
+    id: Annotated[str, Field(pattern=r"^[A-Za-z0-9_.-]{1,64}$")]
+    type: Literal["scanner", "receipt_printer", "label_printer", "sensor"]
+    url: str
+    enabled: bool = True
+
+    @field_validator("url")
+    @classmethod
+    def _url(cls, value: str) -> str:
+        if "://" not in value:
+            raise ValueError("must be a device URL such as serial:///dev/ttyACM0?baudrate=9600, "
+                             "usb://VID:PID, tcp://host:9100, file:///path or sim://NAME")
+        return value
+
+
+class HqConfig(_Section):
+    store: str = "sqlite:///var/lib/edge-agent-hq/hq.db"
+    client_id: str = ""
+    share_group: str = "hq"
+    batch_max: Annotated[int, AfterValidator(lambda v: _range(v, 1, 100_000))] = 1000
+
+    @field_validator("store")
+    @classmethod
+    def _store(cls, value: str) -> str:
+        if not (value.startswith("sqlite:///") or value.startswith("postgresql://")):
+            raise ValueError("must be sqlite:///PATH or postgresql://user@host/db")
+        return value
+
+
+class _Settings(BaseSettings):
+    """Shared loading rules: env (EDGE_AGENT__SECTION__KEY) over the TOML file."""
+
+    model_config = SettingsConfigDict(
+        env_prefix=ENV_PREFIX,
+        env_nested_delimiter="__",
+        extra="forbid",
+        frozen=True,
+    )
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # The TOML file arrives as init kwargs; the environment must win over it.
+        return (env_settings, init_settings)
+
+
+class AgentConfig(_Settings):
+    site: SiteConfig
+    mqtt: MqttConfig = Field(default_factory=MqttConfig)
+    outbox: OutboxConfig = Field(default_factory=OutboxConfig)
+    compliance: ComplianceConfig = Field(default_factory=ComplianceConfig)
+    api: ApiConfig = Field(default_factory=ApiConfig)
+    devices: list[DeviceConfig] = Field(default_factory=list)
+    # Lets one file serve the demo's agent and HQ receiver alike.
+    hq: HqConfig = Field(default_factory=HqConfig)
+
+    @model_validator(mode="after")
+    def _unique_devices(self) -> AgentConfig:
+        seen: set[str] = set()
+        for device in self.devices:
+            if device.id in seen:
+                raise ValueError(f"device id {device.id!r} is used twice")
+            seen.add(device.id)
+        return self
+
+    @property
+    def client_id(self) -> str:
+        return self.mqtt.client_id or f"edge-{self.site.id}"
+
+    @property
+    def topic_root(self) -> str:
+        return f"{self.mqtt.topic_prefix}/{self.site.id}"
+
+
+class HqReceiverConfig(_Settings):
+    """The HQ receiver's file: ``[mqtt]`` and ``[hq]``; other sections are ignored."""
+
+    model_config = SettingsConfigDict(
+        env_prefix=ENV_PREFIX, env_nested_delimiter="__", extra="ignore", frozen=True
+    )
+
+    mqtt: MqttConfig = Field(default_factory=MqttConfig)
+    hq: HqConfig = Field(default_factory=HqConfig)
+
+    @property
+    def client_id(self) -> str:
+        return self.hq.client_id or self.mqtt.client_id or "edge-hq"
+
+
+_S = TypeVar("_S", bound=_Settings)
+
+
+def config_path(explicit: str | None) -> str:
+    """``--config``, else ``$EDGE_AGENT_CONFIG``, else the system path."""
+    return explicit or os.environ.get(CONFIG_ENV) or DEFAULT_CONFIG_PATH
+
+
+def _read_toml(path: str) -> dict[str, Any]:
+    try:
+        with open(path, "rb") as fh:
+            return tomllib.load(fh)
+    except FileNotFoundError:
+        raise ConfigError(path, [ConfigIssue("", f"file not found: {path}")]) from None
+    except PermissionError:
+        raise ConfigError(path, [ConfigIssue("", f"permission denied reading {path}")]) from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(path, [ConfigIssue("", f"not valid TOML: {exc}")]) from None
+
+
+def _issues(exc: ValidationError) -> list[ConfigIssue]:
+    issues = []
+    for err in exc.errors():
+        path = ".".join(str(part) for part in err["loc"])
+        kind = err["type"]
+        if kind == "extra_forbidden":
+            message = "unknown key (check the spelling against the config reference)"
+        elif kind == "missing":
+            message = "required key is missing"
+        else:
+            message = err["msg"].removeprefix("Value error, ")
+        issues.append(ConfigIssue(path, message))
+    return issues
+
+
+def load_config(path: str, cls: type[_S]) -> _S:
+    """Read and validate ``path``; raise :class:`ConfigError` listing every problem."""
+    data = _read_toml(path)
+    try:
+        return cls(**data)
+    except ValidationError as exc:
+        raise ConfigError(path, _issues(exc)) from None
+
+
+def load_agent_config(path: str) -> AgentConfig:
+    return load_config(path, AgentConfig)
+
+
+def load_hq_config(path: str) -> HqReceiverConfig:
+    return load_config(path, HqReceiverConfig)

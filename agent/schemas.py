@@ -1,0 +1,161 @@
+"""Wire payloads (``data`` of the envelope), validated with pydantic.
+
+``sale`` is shaped after Metrc's sales receipt and ``plant`` after its plant
+calls (CONTRACT 5). Quantities and money are decimal strings, never floats.
+Unknown optional fields are kept (``extra="allow"``) so a POS can send more
+than we model; the fields we model are checked strictly.
+"""
+
+from __future__ import annotations
+
+from decimal import Decimal, InvalidOperation
+from typing import Annotated, Any, Literal
+
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
+from pydantic import ValidationError as PydanticValidationError
+
+TAG_PATTERN = r"^[A-Z0-9]{24}$"
+Tag = Annotated[str, Field(pattern=TAG_PATTERN, description="24 uppercase letters and digits")]
+CUSTOMER_TYPES = ("Consumer", "Patient", "Caregiver", "ExternalPatient", "NonResidentConsumer")
+UNITS = ("Each", "Grams", "Kilograms", "Milligrams", "Ounces", "Pounds", "Milliliters", "Liters",
+         "Fluid Ounces")
+
+
+def _decimal(value: str) -> str:
+    try:
+        number = Decimal(value)
+    except InvalidOperation:
+        raise ValueError("must be a decimal string such as \"3.5\"") from None
+    if not number.is_finite():
+        raise ValueError("must be a finite decimal")
+    if number < 0:
+        raise ValueError("must not be negative")
+    return value
+
+
+DecimalStr = Annotated[str, Field(max_length=32), AfterValidator(_decimal)]
+Text = Annotated[str, Field(max_length=256)]
+
+
+class _Payload(BaseModel):
+    model_config = ConfigDict(extra="allow", str_strip_whitespace=True)
+
+
+class SaleLine(_Payload):
+    package_tag: Tag
+    quantity: DecimalStr
+    unit: Literal[UNITS]  # type: ignore[valid-type]
+    price: DecimalStr
+    total: DecimalStr
+
+
+class Tax(_Payload):
+    name: Text
+    amount: DecimalStr
+
+
+class Sale(_Payload):
+    receipt_number: Annotated[str, Field(min_length=1, max_length=64)]
+    sold_at: Annotated[str, Field(max_length=40)]
+    customer_type: Literal[CUSTOMER_TYPES]  # type: ignore[valid-type]
+    patient_license: Annotated[str, Field(min_length=1, max_length=64)] | None = None
+    register: Text | None = None
+    lines: Annotated[list[SaleLine], Field(min_length=1, max_length=500)]
+    taxes: Annotated[list[Tax], Field(max_length=20)] = Field(default_factory=list)
+    total: DecimalStr
+
+    @model_validator(mode="after")
+    def _rules(self) -> Sale:
+        from datetime import datetime
+
+        try:
+            sold = datetime.fromisoformat(self.sold_at)
+        except ValueError:
+            raise ValueError("sold_at: must be an ISO 8601 time with offset") from None
+        if sold.tzinfo is None:
+            raise ValueError("sold_at: must carry a UTC offset (e.g. -07:00)")
+        if self.customer_type in ("Patient", "Caregiver") and not self.patient_license:
+            raise ValueError(f"patient_license: required for customer_type {self.customer_type}")
+        lines = sum((Decimal(line.total) for line in self.lines), Decimal(0))
+        taxes = sum((Decimal(tax.amount) for tax in self.taxes), Decimal(0))
+        if lines + taxes != Decimal(self.total):
+            raise ValueError(f"total: {self.total} is not the sum of the line totals ({lines}) "
+                             f"plus taxes ({taxes})")
+        return self
+
+
+class Plant(_Payload):
+    action: Literal["move", "waste", "harvest", "observe", "destroy"]
+    plant_tags: Annotated[list[Tag], Field(min_length=1, max_length=1000)]
+    room: Text | None = None
+    weight: DecimalStr | None = None
+    unit: Literal[UNITS] | None = None  # type: ignore[valid-type]
+    reason: Text | None = None
+    method: Text | None = None
+    note: Annotated[str, Field(max_length=2000)] | None = None
+
+    @model_validator(mode="after")
+    def _needs(self) -> Plant:
+        needs = {
+            "move": ("room",),
+            "waste": ("weight", "unit", "reason"),
+            "harvest": ("weight", "unit"),
+        }.get(self.action, ())
+        for field in needs:
+            if getattr(self, field) in (None, ""):
+                raise ValueError(f"{field}: required when action is {self.action}")
+        return self
+
+
+class Alarm(_Payload):
+    code: Annotated[str, Field(min_length=1, max_length=64)]
+    message: Annotated[str, Field(max_length=1000)]
+    severity: Literal["info", "warning", "critical"] = "warning"
+    state: Literal["raised", "cleared"] = "raised"
+
+
+class Generic(_Payload):
+    """Kinds whose drivers define the shape (scan, sensor, print, device)."""
+
+
+SCHEMAS: dict[str, type[BaseModel]] = {
+    "sale": Sale,
+    "plant": Plant,
+    "alarm": Alarm,
+    "scan": Generic,
+    "sensor": Generic,
+    "print": Generic,
+    "device": Generic,
+}
+
+
+class FieldProblem(ValueError):
+    """A payload failed validation; ``field`` is the dotted path of the first problem."""
+
+    def __init__(self, field: str, message: str, problems: list[dict[str, str]]) -> None:
+        self.field = field
+        self.problems = problems
+        super().__init__(f"{field}: {message}" if field else message)
+
+
+def validate(kind: str, data: Any) -> dict[str, Any]:
+    """Validate ``data`` for ``kind``; return the normalised dict or raise FieldProblem."""
+    schema = SCHEMAS[kind]
+    if not isinstance(data, dict):
+        raise FieldProblem("data", "must be a JSON object", [{"field": "data",
+                                                             "message": "must be a JSON object"}])
+    try:
+        model = schema.model_validate(data)
+    except PydanticValidationError as exc:
+        problems = []
+        for err in exc.errors():
+            loc = ".".join(str(p) for p in ("data", *err["loc"]))
+            msg = err["msg"].removeprefix("Value error, ")
+            # Cross-field rules name their own field as "field: message".
+            head, sep, rest = msg.partition(": ")
+            if sep and err["type"] == "value_error" and " " not in head:
+                loc, msg = f"{loc}.{head}", rest
+            problems.append({"field": loc, "message": msg})
+        first = problems[0]
+        raise FieldProblem(first["field"], first["message"], problems) from None
+    return model.model_dump(mode="json", exclude_none=False)

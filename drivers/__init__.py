@@ -1,0 +1,1 @@
+"""Hardware drivers: sans-I/O protocol cores and thin transports. Never imports agent."""
