@@ -12,6 +12,7 @@ import os
 import threading
 import time
 from datetime import UTC, datetime
+from json.encoder import encode_basestring as _js
 from typing import Any
 
 ENVELOPE_VERSION = 1
@@ -76,6 +77,15 @@ def encode(
     in rather than parsed and dumped again: this runs once per event on the
     group-commit path.
     """
+    if not extra:
+        # The common case, spelled out: the same bytes as the json.dumps path
+        # below (encode_basestring is what json.dumps uses with
+        # ensure_ascii=False) at a sixth of the cost.
+        return (
+            f'{{"v":{ENVELOPE_VERSION},"id":{_js(event_id)},"site":{_js(site)},'
+            f'"kind":{_js(kind)},"seq":{int(seq)},"ts":{_js(ts)},"source":{_js(source)},'
+            f'"data":{data_json}}}'
+        ).encode()
     head = {
         "v": ENVELOPE_VERSION,
         "id": event_id,

@@ -38,7 +38,7 @@ Text = Annotated[str, Field(max_length=256)]
 
 
 class _Payload(BaseModel):
-    model_config = ConfigDict(extra="allow", str_strip_whitespace=True)
+    model_config = ConfigDict(extra="allow", str_strip_whitespace=True, populate_by_name=True)
 
 
 class SaleLine(_Payload):
@@ -59,7 +59,8 @@ class Sale(_Payload):
     sold_at: Annotated[str, Field(max_length=40)]
     customer_type: Literal[CUSTOMER_TYPES]  # type: ignore[valid-type]
     patient_license: Annotated[str, Field(min_length=1, max_length=64)] | None = None
-    register: Text | None = None
+    # "register" would shadow BaseModel.register (ABCMeta), hence the alias.
+    register_: Text | None = Field(default=None, alias="register")
     lines: Annotated[list[SaleLine], Field(min_length=1, max_length=500)]
     taxes: Annotated[list[Tax], Field(max_length=20)] = Field(default_factory=list)
     total: DecimalStr
@@ -158,4 +159,4 @@ def validate(kind: str, data: Any) -> dict[str, Any]:
             problems.append({"field": loc, "message": msg})
         first = problems[0]
         raise FieldProblem(first["field"], first["message"], problems) from None
-    return model.model_dump(mode="json", exclude_none=False)
+    return model.model_dump(mode="json", by_alias=True)

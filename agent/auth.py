@@ -1,0 +1,169 @@
+"""API bearer tokens: the ``api.tokens_file`` and the constant-time check.
+
+The file holds one ``name token`` pair a line; blank lines and ``#`` comments
+are ignored. The name says who is calling (``pos-2``, ``tablet-flower``, ``cli``)
+and becomes the ``source`` of the events that caller posts, so a POS cannot
+claim to be another one.
+
+A token never reaches a log line, an exception message or a ``repr``: errors
+name the line number and the caller's name only. Only SHA-256 digests are
+compared, and always all of them, so neither the length of a token nor which
+one matched shows in the time a check takes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import logging
+import os
+import re
+import stat
+from dataclasses import dataclass, field
+
+from agent.errors import AgentError, ConfigError, ConfigIssue
+
+log = logging.getLogger(__name__)
+
+# A name is used as the event source and in logs: keep it to a safe alphabet.
+NAME_RE = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
+# Printable ASCII without spaces: what fits in an Authorization header as-is.
+TOKEN_RE = re.compile(r"^[\x21-\x7e]+$")
+MIN_TOKEN_CHARS = 16
+# Names the CLI looks for, in order, to call the local daemon (``edge-agent status``).
+LOCAL_NAMES = ("cli", "local", "admin")
+
+
+def _digest(token: str) -> bytes:
+    return hashlib.sha256(token.encode("utf-8", "surrogateescape")).digest()
+
+
+@dataclass(frozen=True)
+class _Entry:
+    name: str
+    digest: bytes
+    # Kept only so the CLI on the same box can call the API (local_token());
+    # excluded from repr so it cannot leak through a log of this object.
+    token: str = field(repr=False)
+
+
+class Tokens:
+    """The callers allowed on the API, each a ``name`` with a secret token."""
+
+    def __init__(self, pairs: dict[str, str] | None = None, *, source: str = "<memory>") -> None:
+        self.source = source
+        self._entries: list[_Entry] = []
+        for name, token in (pairs or {}).items():
+            self._add(name, token)
+
+    def _add(self, name: str, token: str) -> None:
+        self._entries.append(_Entry(name, _digest(token), token))
+
+    @classmethod
+    def load(cls, path: str) -> Tokens:
+        """Read ``path``; raise :class:`ConfigError` listing every bad line (by number)."""
+        try:
+            with open(path, encoding="utf-8") as fh:
+                text = fh.read()
+                mode = os.fstat(fh.fileno()).st_mode
+        except FileNotFoundError:
+            raise ConfigError(path, [ConfigIssue("", f"tokens file not found: {path} "
+                                                     "(api.tokens_file)")]) from None
+        except PermissionError:
+            raise ConfigError(path, [ConfigIssue("", f"permission denied reading {path}")]) \
+                from None
+        except UnicodeDecodeError:
+            raise ConfigError(path, [ConfigIssue("", "not UTF-8 text")]) from None
+        except OSError as exc:
+            raise ConfigError(path, [ConfigIssue("", f"cannot read {path}: "
+                                                     f"{exc.strerror or exc}")]) from None
+        tokens = cls.parse(text, source=path)
+        if mode & (stat.S_IRWXG | stat.S_IRWXO):
+            log.warning("tokens file %s is readable by group or others; chmod 600 it", path)
+        if not tokens.names:
+            log.warning("tokens file %s lists no tokens: every API call but /healthz gets 401",
+                        path)
+        return tokens
+
+    @classmethod
+    def parse(cls, text: str, *, source: str = "<text>") -> Tokens:
+        """Parse the file's text; problems name the line, never the token on it."""
+        tokens = cls(source=source)
+        issues: list[ConfigIssue] = []
+        names: dict[str, int] = {}
+        digests: dict[bytes, int] = {}
+        for number, raw in enumerate(text.splitlines(), start=1):
+            line = raw.strip()
+            if not line or line.startswith("#"):
+                continue
+            where = f"line {number}"
+            parts = line.split()
+            if len(parts) != 2:
+                issues.append(ConfigIssue(where, f"expected 'name token' (two fields separated "
+                                                 f"by a space), found {len(parts)} field"
+                                                 f"{'' if len(parts) == 1 else 's'}"))
+                continue
+            name, token = parts
+            if not NAME_RE.match(name):
+                issues.append(ConfigIssue(where, "the name must be 1-64 letters, digits, "
+                                                 "'_', '.' or '-'"))
+                continue
+            if not TOKEN_RE.match(token):
+                issues.append(ConfigIssue(where, f"the token of {name!r} must be printable "
+                                                 "ASCII"))
+                continue
+            if len(token) < MIN_TOKEN_CHARS:
+                issues.append(ConfigIssue(where, f"the token of {name!r} is shorter than "
+                                                 f"{MIN_TOKEN_CHARS} characters (make one with "
+                                                 "'openssl rand -hex 24')"))
+                continue
+            if name in names:
+                issues.append(ConfigIssue(where, f"name {name!r} already used on line "
+                                                 f"{names[name]}"))
+                continue
+            digest = _digest(token)
+            if digest in digests:
+                issues.append(ConfigIssue(where, f"the token of {name!r} is the same as the one "
+                                                 f"on line {digests[digest]}; give each caller "
+                                                 "its own"))
+                continue
+            names[name] = number
+            digests[digest] = number
+            tokens._add(name, token)
+        if issues:
+            raise ConfigError(source, issues)
+        return tokens
+
+    @property
+    def names(self) -> list[str]:
+        return [entry.name for entry in self._entries]
+
+    def check(self, token: str) -> str | None:
+        """The caller's name when ``token`` is known, else None; constant time.
+
+        Every entry is compared, with no early exit, and digests of equal length
+        are compared, so the time taken says nothing about the token.
+        """
+        candidate = _digest(token)
+        found: str | None = None
+        for entry in self._entries:
+            if hmac.compare_digest(candidate, entry.digest):
+                found = entry.name
+        return found
+
+    def local_token(self) -> str:
+        """A token for tools on the box itself (``edge-agent status``).
+
+        The entry named ``cli`` (else ``local``, ``admin``), else the first one.
+        """
+        by_name = {entry.name: entry for entry in self._entries}
+        for name in LOCAL_NAMES:
+            if name in by_name:
+                return by_name[name].token
+        if self._entries:
+            return self._entries[0].token
+        raise AgentError(f"{self.source}: no API token to call the daemon with; add a line "
+                         "'cli <token>' to api.tokens_file")
+
+    def __repr__(self) -> str:
+        return f"Tokens({self.source!r}, names={self.names!r})"

@@ -1,0 +1,239 @@
+"""The ``edge-agent`` command line (CONTRACT 2).
+
+Exit codes: 0 ok; 1 degraded (``status``) or a runtime failure; 2 invalid
+config or usage; 3 the daemon is not reachable (``status``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+from typing import Any
+
+from agent import __version__
+from agent.config import AgentConfig, config_path, load_agent_config, load_hq_config
+from agent.errors import AgentError, ConfigError
+
+EXIT_OK, EXIT_DEGRADED, EXIT_CONFIG, EXIT_UNREACHABLE = 0, 1, 2, 3
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="edge-agent", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action="version", version=f"edge-agent {__version__}")
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--config", help="config file (default: $EDGE_AGENT_CONFIG, else "
+                        "/etc/edge-agent/agent.toml)")
+    common.add_argument("--log-level", default="INFO",
+                        choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    sub.add_parser("run", parents=[common], help="run the daemon in the foreground")
+    sub.add_parser("check-config", parents=[common], help="validate the config and exit")
+    status = sub.add_parser("status", parents=[common], help="ask the running daemon")
+    status.add_argument("--json", action="store_true", help="print the raw status JSON")
+
+    outbox = sub.add_parser("outbox", help="inspect the outbox files (daemon may be stopped)")
+    osub = outbox.add_subparsers(dest="action", required=True, metavar="ACTION")
+    osub.add_parser("stats", parents=[common], help="depth, bytes, oldest age per kind")
+    peek = osub.add_parser("peek", parents=[common], help="print the oldest pending events")
+    peek.add_argument("--kind", help="only this kind")
+    peek.add_argument("-n", type=int, default=10, help="how many (default 10)")
+    export = osub.add_parser("export", parents=[common],
+                             help="every pending event as JSON lines, in (kind, seq) order")
+    export.add_argument("--output", "-o", help="file to write (default: stdout)")
+
+    hq = sub.add_parser("hq", parents=[common], help="run the HQ receiver (CONTRACT 8)")
+    hsub = hq.add_subparsers(dest="action", metavar="ACTION")
+    report = hsub.add_parser("report", parents=[common],
+                             help="per site and kind: received, seq range, gaps, duplicates")
+    report.add_argument("--site", help="only this site")
+    report.add_argument("--since", help="only events since this date (ISO 8601)")
+    report.add_argument("--json", action="store_true")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    logging.basicConfig(level=getattr(args, "log_level", "INFO"), stream=sys.stderr,
+                        format="%(levelname)s %(name)s: %(message)s")
+    path = config_path(getattr(args, "config", None))
+    try:
+        if args.command == "check-config":
+            return _check_config(path)
+        if args.command == "run":
+            from agent.daemon import run
+
+            return run(load_agent_config(path))
+        if args.command == "status":
+            return _status(load_agent_config(path), args.json)
+        if args.command == "outbox":
+            return _outbox(load_agent_config(path), args)
+        if args.command == "hq":
+            return _hq(path, args)
+    except ConfigError as exc:
+        print(exc, file=sys.stderr)
+        return EXIT_CONFIG
+    except AgentError as exc:
+        print(f"edge-agent: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+    return EXIT_CONFIG
+
+
+def _check_config(path: str) -> int:
+    cfg = load_agent_config(path)
+    problems = []
+    from agent.auth import Tokens
+
+    try:
+        Tokens.load(cfg.api.tokens_file)
+    except AgentError as exc:
+        problems.append(f"api.tokens_file: {exc}")
+    for key in ("ca_file", "cert_file", "key_file", "password_file"):
+        value = getattr(cfg.mqtt, key)
+        if value and not _readable(value):
+            problems.append(f"mqtt.{key}: cannot read {value}")
+    if problems:
+        print(f"invalid config {path}:", file=sys.stderr)
+        for problem in problems:
+            print(f"  {problem}", file=sys.stderr)
+        return EXIT_CONFIG
+    print(f"{path}: valid (site {cfg.site.id}, {len(cfg.devices)} devices)")
+    return EXIT_OK
+
+
+def _readable(path: str) -> bool:
+    try:
+        with open(path, "rb"):
+            return True
+    except OSError:
+        return False
+
+
+def _status(cfg: AgentConfig, as_json: bool) -> int:
+    from agent.auth import Tokens
+
+    host = "127.0.0.1" if cfg.api.bind in ("0.0.0.0", "::", "") else cfg.api.bind  # noqa: S104
+    url = f"http://{host}:{cfg.api.port}/v1/status"
+    token = Tokens.load(cfg.api.tokens_file).local_token()
+    request = urllib.request.Request(url, headers={"Authorization": f"Bearer {token}"})
+    try:
+        with urllib.request.urlopen(request, timeout=5) as response:  # noqa: S310 - loopback URL
+            status = json.loads(response.read())
+    except (urllib.error.URLError, OSError, ValueError) as exc:
+        print(f"edge-agent: daemon not reachable at {url}: {exc}", file=sys.stderr)
+        return EXIT_UNREACHABLE
+    if as_json:
+        print(json.dumps(status, indent=2))
+    else:
+        print(format_status(status))
+    return EXIT_OK if status.get("state") == "healthy" else EXIT_DEGRADED
+
+
+def format_status(status: dict[str, Any]) -> str:
+    up = status.get("uplink", {})
+    box = status.get("outbox", {})
+    lines = [
+        f"site {status.get('site')}  edge-agent {status.get('version')}  "
+        f"state {status.get('state')}",
+        *(f"  ! {reason}" for reason in status.get("reasons", [])),
+        f"uplink  {up.get('state')}  host {up.get('host') or '-'}  acks {up.get('acks', 0)}  "
+        f"resends {up.get('resends', 0)}  reconnects {up.get('reconnects', 0)}",
+        f"outbox  {box.get('state')}  {box.get('bytes', 0)} of {box.get('max_bytes', 0)} bytes",
+        f"  {'kind':<8} {'depth':>8} {'bytes':>12} {'oldest':>10} {'seq range':>20}",
+    ]
+    for kind, k in (box.get("kinds") or {}).items():
+        age = k.get("oldest_age_s")
+        seqs = f"{k.get('first_seq') or '-'}..{k.get('last_seq') or 0}"
+        lines.append(f"  {kind:<8} {k.get('depth', 0):>8} {k.get('bytes', 0):>12} "
+                     f"{_age(age):>10} {seqs:>20}")
+    devices = status.get("devices") or []
+    lines.append(f"devices {len(devices)}")
+    for device in devices:
+        lines.append(f"  {device.get('id'):<24} {device.get('type', ''):<16} "
+                     f"{device.get('state')}  {device.get('last_fault') or ''}")
+    return "\n".join(lines)
+
+
+def _age(seconds: float | None) -> str:
+    if seconds is None:
+        return "-"
+    if seconds < 120:
+        return f"{seconds:.0f}s"
+    if seconds < 7200:
+        return f"{seconds / 60:.0f}m"
+    return f"{seconds / 3600:.1f}h"
+
+
+def _outbox(cfg: AgentConfig, args: argparse.Namespace) -> int:
+    from agent.outbox import Outbox
+
+    view = Outbox.inspect(cfg.outbox.path)
+    try:
+        if args.action == "stats":
+            import dataclasses
+
+            now = time.time()
+            kinds = {}
+            for kind, k in view.stats().items():
+                row = dataclasses.asdict(k)
+                row["oldest_age_s"] = None if k.oldest_ts is None else round(now - k.oldest_ts, 3)
+                kinds[kind] = row
+            print(json.dumps({"path": cfg.outbox.path, "kinds": kinds}, indent=2))
+        elif args.action == "peek":
+            for env in view.peek(args.kind, args.n):
+                print(json.dumps(env))
+        elif args.action == "export":
+            if args.output:
+                with open(args.output, "w", encoding="utf-8") as out:
+                    count = view.export(out)
+                print(f"exported {count} events to {args.output}", file=sys.stderr)
+            else:
+                view.export(sys.stdout)
+    finally:
+        view.close()
+    return EXIT_OK
+
+
+def _hq(path: str, args: argparse.Namespace) -> int:
+    cfg = load_hq_config(path)
+    if args.action == "report":
+        from agent.hq.report import report_main
+
+        return report_main(cfg, args.site, args.since, args.json)
+    import signal
+
+    from agent import sdnotify
+    from agent.hq.receiver import HqReceiver
+
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    receiver = HqReceiver(cfg)
+    worker = threading.Thread(target=receiver.run, args=(stop,), name="hq-receiver")
+    worker.start()
+    # systemd: READY=1 once subscribed; watchdog pings only while the receiver runs.
+    interval = sdnotify.watchdog_interval()
+    announced = False
+    while worker.is_alive() and not stop.is_set():
+        if not announced and receiver.subscribed.is_set():
+            sdnotify.ready(f"subscribed to {receiver.topic}")
+            announced = True
+        if interval:
+            sdnotify.watchdog()
+        stop.wait(min(0.2 if not announced else 1.0, interval / 2 if interval else 1.0))
+    sdnotify.stopping()
+    stop.set()
+    worker.join(10)
+    return EXIT_OK
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,171 @@
+"""``edge-agent run``: the outbox, the uplink and the API under one asyncio loop.
+
+Start order matters for the contract: READY=1 goes to systemd only once the
+outbox is open and the API listens. SIGTERM sends STOPPING=1, stops taking
+requests, lets the group commit finish what it holds, publishes the offline
+status and exits within ``SHUTDOWN_BUDGET_S``; nothing accepted is lost because
+"accepted" already means "on disk".
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import uvicorn
+
+from agent import __version__, sdnotify
+from agent.api import ApiContext, create_app
+from agent.auth import Tokens
+from agent.commands import CommandRouter
+from agent.config import AgentConfig
+from agent.errors import AgentError, OutboxCorrupt, OutboxError
+from agent.outbox import Outbox
+from agent.status import build_status
+from agent.uplink import Uplink
+
+log = logging.getLogger(__name__)
+
+SHUTDOWN_BUDGET_S = 8.0
+CONDITION_POLL_S = 1.0
+
+
+class _Server(uvicorn.Server):
+    """uvicorn without its own signal handling: the daemon owns SIGTERM/SIGINT."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        yield
+
+
+class Conditions:
+    """Turns outbox and uplink states into alarm events, once per edge (raise, clear)."""
+
+    def __init__(self, outbox: Outbox) -> None:
+        self._outbox = outbox
+        self._open: dict[str, dict[str, Any]] = {}
+        self._pending: list[dict[str, Any]] = []
+
+    def report_corrupt(self, report: OutboxCorrupt) -> None:
+        self._pending.append({"code": "outbox_corrupt", "severity": "critical",
+                              "state": "raised", "message": str(report),
+                              "moved_to": report.moved_to})
+
+    async def poll(self) -> None:
+        state = self._outbox.state
+        for code, active, message in (
+            ("outbox_full", state == "full",
+             "outbox at max_bytes: sale, plant and scan events are refused until HQ catches up"),
+            ("disk_full", state == "disk_full",
+             "the disk under the outbox is full: events are refused"),
+        ):
+            if active and code not in self._open:
+                alarm = {"code": code, "severity": "critical", "state": "raised",
+                         "message": message}
+                self._open[code] = alarm
+                log.error("%s", message)
+                self._pending.append(alarm)
+            elif not active and code in self._open:
+                del self._open[code]
+                log.info("%s cleared", code)
+                self._pending.append({"code": code, "severity": "info", "state": "cleared",
+                                      "message": f"{code} cleared"})
+        # An alarm that cannot be written now (the disk is full) waits for room.
+        while self._pending:
+            alarm = self._pending[0]
+            try:
+                await self._outbox.append("alarm", _json(alarm), "edge-agent")
+            except OutboxError:
+                break
+            self._pending.pop(0)
+
+
+def _json(value: Any) -> str:
+    import json
+
+    return json.dumps(value, separators=(",", ":"))
+
+
+async def serve(cfg: AgentConfig) -> int:
+    """Run until SIGTERM/SIGINT; return the process exit code."""
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+
+    tokens = Tokens.load(cfg.api.tokens_file)
+    outbox = Outbox(cfg.outbox.path, cfg.site.id, max_bytes=cfg.outbox.max_bytes,
+                    max_batch=cfg.outbox.max_batch, ballast_bytes=cfg.outbox.ballast_bytes)
+    reports = await asyncio.to_thread(outbox.open)
+    conditions = Conditions(outbox)
+    for report in reports:
+        log.error("%s", report)
+        conditions.report_corrupt(report)
+
+    uplink: Uplink | None = None
+    router = CommandRouter(lambda result: uplink.send_command_result(result) if uplink else None)
+    started_at = time.time()
+    ctx = ApiContext(cfg=cfg, outbox=outbox, tokens=tokens,
+                     uplink_snapshot=lambda: uplink.snapshot() if uplink else {},
+                     devices_snapshot=list, started_at=started_at)
+    uplink = Uplink(cfg, outbox, version=__version__, health=lambda: build_status(ctx),
+                    on_command=router.dispatch)
+    uplink.start()
+
+    server = _Server(uvicorn.Config(create_app(ctx), host=cfg.api.bind, port=cfg.api.port,
+                                    log_level="warning", access_log=False, lifespan="on",
+                                    timeout_graceful_shutdown=3))
+    server_task = asyncio.create_task(server.serve(), name="api")
+    while not server.started:
+        if server_task.done():
+            await _shutdown(outbox, uplink, router)
+            exc = server_task.exception()
+            raise AgentError(f"api: cannot listen on {cfg.api.bind}:{cfg.api.port}"
+                             + (f" ({exc})" if exc else "; is the port in use?"))
+        await asyncio.sleep(0.01)
+    sdnotify.notify("READY=1")
+    sdnotify.notify(f"STATUS=listening on {cfg.api.bind}:{cfg.api.port}")
+    log.info("edge-agent %s for site %s: API on %s:%d, outbox %s", __version__, cfg.site.id,
+             cfg.api.bind, cfg.api.port, cfg.outbox.path)
+
+    watchdog = sdnotify.watchdog_interval()
+    next_ping = 0.0
+    while not stop.is_set():
+        await conditions.poll()
+        now = time.monotonic()
+        if watchdog and now >= next_ping:
+            # Pinged from the loop itself: a wedged loop stops the pings and
+            # systemd restarts us.
+            sdnotify.notify("WATCHDOG=1")
+            next_ping = now + watchdog / 2
+        if server_task.done():
+            log.error("api server stopped unexpectedly")
+            break
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), CONDITION_POLL_S if not watchdog
+                                   else min(CONDITION_POLL_S, watchdog / 4))
+
+    sdnotify.notify("STOPPING=1")
+    log.info("stopping: draining in-flight requests")
+    server.should_exit = True
+    with contextlib.suppress(TimeoutError, asyncio.CancelledError):
+        await asyncio.wait_for(server_task, SHUTDOWN_BUDGET_S / 2)
+    await conditions.poll()
+    await _shutdown(outbox, uplink, router)
+    log.info("stopped cleanly")
+    return 0
+
+
+async def _shutdown(outbox: Outbox, uplink: Uplink, router: CommandRouter) -> None:
+    await asyncio.to_thread(uplink.stop, SHUTDOWN_BUDGET_S / 4)
+    await asyncio.to_thread(router.close)
+    await asyncio.to_thread(outbox.close)
+
+
+def run(cfg: AgentConfig) -> int:
+    return asyncio.run(serve(cfg))

@@ -1,0 +1,135 @@
+"""Prometheus metrics for ``GET /metrics``.
+
+The outbox and the uplink already count everything worth exporting, so rather
+than mirror their numbers into prometheus-client objects on every event (a lock
+per increment on the hot path), :class:`AgentCollector` reads
+``outbox.stats()``, ``outbox.counters`` and the uplink snapshot when Prometheus
+scrapes. Only the HTTP request counter is a live ``Counter``: nothing else
+knows about requests.
+
+Each app gets its own :class:`CollectorRegistry`, so tests (and a process
+that builds two apps) never collide on the global registry.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING, Any
+
+from prometheus_client import CollectorRegistry, Counter
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from agent.config import KINDS
+
+if TYPE_CHECKING:
+    from agent.outbox import Outbox
+
+log = logging.getLogger(__name__)
+
+# outbox.counters key -> edge_refusals_total{reason}
+REFUSAL_COUNTERS = {"refused_full": "outbox_full", "refused_disk": "disk_full"}
+# uplink snapshot key -> counter family (name without _total, help)
+UPLINK_COUNTERS = {
+    "acks": ("edge_acks", "Cumulative acks received from HQ (or PUBACKs with broker-ack)"),
+    "resends": ("edge_resends", "Events sent again after an ack timeout or a reconnect"),
+    "reconnects": ("edge_reconnects", "Connections to a broker after the first one"),
+    "publish_failures": ("edge_publish_failures", "MQTT publishes that failed"),
+}
+
+
+class AgentCollector(Collector):
+    """Reads the outbox and the uplink at scrape time; never raises into the scrape."""
+
+    def __init__(self, outbox: Outbox, uplink_snapshot: Callable[[], dict[str, Any]],
+                 clock: Callable[[], float] = time.time) -> None:
+        self._outbox = outbox
+        self._uplink_snapshot = uplink_snapshot
+        self._clock = clock
+
+    def collect(self) -> Iterator[Metric]:
+        try:
+            yield from self._outbox_metrics()
+        except Exception:  # a scrape must not fail because one source did
+            log.exception("metrics: reading the outbox failed")
+        try:
+            snapshot = self._uplink_snapshot() or {}
+        except Exception:
+            log.exception("metrics: the uplink snapshot failed")
+            snapshot = {}
+        yield from self._uplink_metrics(snapshot)
+
+    def _outbox_metrics(self) -> Iterator[Metric]:
+        now = self._clock()
+        stats = self._outbox.stats()
+        depth = GaugeMetricFamily("edge_outbox_depth", "Events in the outbox not yet acked by HQ",
+                                  labels=["kind"])
+        size = GaugeMetricFamily("edge_outbox_bytes", "Bytes of events in the outbox",
+                                 labels=["kind"])
+        age = GaugeMetricFamily("edge_outbox_oldest_age_seconds",
+                                "Age of the oldest event in the outbox (0 when empty)",
+                                labels=["kind"])
+        last_seq = GaugeMetricFamily("edge_outbox_last_seq", "Last seq assigned", labels=["kind"])
+        for kind in KINDS:
+            st = stats.get(kind)
+            if st is None:
+                continue
+            depth.add_metric([kind], st.depth)
+            size.add_metric([kind], st.bytes)
+            age.add_metric([kind], 0.0 if st.oldest_ts is None else max(0.0, now - st.oldest_ts))
+            last_seq.add_metric([kind], st.last_seq)
+        yield from (depth, size, age, last_seq)
+        yield GaugeMetricFamily("edge_outbox_total_bytes", "Bytes held by the outbox",
+                                value=self._outbox.total_bytes)
+        yield GaugeMetricFamily("edge_outbox_max_bytes", "outbox.max_bytes",
+                                value=self._outbox.max_bytes)
+        state = self._outbox.state
+        states = GaugeMetricFamily("edge_outbox_state", "1 for the outbox's current state",
+                                   labels=["state"])
+        for name in ("ok", "full", "disk_full"):
+            states.add_metric([name], 1.0 if state == name else 0.0)
+        yield states
+        counters = dict(self._outbox.counters)
+        refusals = CounterMetricFamily("edge_refusals", "Events refused by the outbox",
+                                       labels=["reason"])
+        for key, reason in REFUSAL_COUNTERS.items():
+            refusals.add_metric([reason], counters.get(key, 0))
+        yield refusals
+        yield CounterMetricFamily("edge_outbox_commits", "Group commits (SQLite transactions)",
+                                  value=counters.get("commits", 0))
+        yield CounterMetricFamily("edge_outbox_thinned_events",
+                                  "Sensor readings folded into aggregates at max_bytes",
+                                  value=counters.get("thinned_events", 0))
+        yield CounterMetricFamily("edge_outbox_corrupt_moved",
+                                  "Corrupt outbox files moved aside",
+                                  value=counters.get("corrupt_moved", 0))
+
+    def _uplink_metrics(self, snapshot: dict[str, Any]) -> Iterator[Metric]:
+        yield GaugeMetricFamily("edge_uplink_connected", "1 while connected to a broker",
+                                value=1.0 if snapshot.get("state") == "connected" else 0.0)
+        unacked = GaugeMetricFamily("edge_outbox_unacked",
+                                    "Events published and not yet acked", labels=["kind"])
+        per_kind = snapshot.get("unacked") or {}
+        for kind in KINDS:
+            value = per_kind.get(kind, 0) if isinstance(per_kind, dict) else 0
+            unacked.add_metric([kind], _number(value))
+        yield unacked
+        for key, (name, doc) in UPLINK_COUNTERS.items():
+            yield CounterMetricFamily(name, doc, value=_number(snapshot.get(key, 0)))
+
+
+def _number(value: Any) -> float:
+    return float(value) if isinstance(value, int | float) and not isinstance(value, bool) else 0.0
+
+
+class ApiMetrics:
+    """The per-app registry: the collector plus the HTTP request counter."""
+
+    def __init__(self, outbox: Outbox, uplink_snapshot: Callable[[], dict[str, Any]],
+                 clock: Callable[[], float] = time.time) -> None:
+        self.registry = CollectorRegistry(auto_describe=False)
+        self.registry.register(AgentCollector(outbox, uplink_snapshot, clock))
+        self.http_requests = Counter("edge_http_requests", "HTTP requests answered by the API",
+                                     ["route", "status"], registry=self.registry)

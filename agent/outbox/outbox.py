@@ -1,0 +1,226 @@
+"""The durable outbox: every accepted event, on disk, until HQ acknowledges it.
+
+The thread-safe face of the outbox. Producers call :meth:`Outbox.submit`
+from any thread and get a ``concurrent.futures.Future`` that resolves once
+the event is committed with ``synchronous=FULL`` (group commit, see
+:mod:`agent.outbox.writer`); the uplink reads with :meth:`Outbox.read` in its
+own thread (diskcache keeps a connection per thread; WAL readers never block
+the writer) and deletes with :meth:`Outbox.ack`. Status reads in-memory
+counters, computed once at open with SQL aggregates, so it is cheap and the
+backlog is never loaded into memory.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import contextlib
+import os
+import queue
+import sqlite3
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+from agent.config import KINDS
+from agent.envelope import iso_ms
+from agent.errors import DiskFull, EventTooLarge, OutboxCorrupt, OutboxError
+from agent.outbox.ballast import Ballast
+from agent.outbox.reader import OutboxReader
+from agent.outbox.records import Accepted, KindState, KindStats
+from agent.outbox.recovery import recover
+from agent.outbox.seqmark import SeqMarks
+from agent.outbox.store import MAX_EVENT_BYTES, SEQ_MAX, event_key, is_disk_full, seq_of
+from agent.outbox.writer import STOP, Ack, Submit, Writer
+
+_IDLE_STATS = {k: KindState().stats(k) for k in KINDS}
+
+
+class Outbox:
+    """The durable, size-capped outbox of one site (see the module docstring)."""
+
+    def __init__(self, path: str, site: str, *, max_bytes: int, max_batch: int = 2000,
+                 ballast_bytes: int = 1 << 20, clock: Callable[[], float] = time.time) -> None:
+        self.path = os.path.abspath(path)
+        self.site = site
+        self.max_bytes = max_bytes
+        self.max_batch = max_batch
+        self.counters: dict[str, int] = dict.fromkeys(
+            ("accepted", "replayed", "acked", "refused_full", "refused_disk", "thinned_events",
+             "thinned_aggregates", "commits", "corrupt_moved"), 0)
+        self._clock = clock
+        self._ballast = Ballast(self.path, ballast_bytes)
+        self._queue: queue.SimpleQueue[object] = queue.SimpleQueue()
+        self._lock = threading.Lock()  # orders submit/ack against close
+        self._closed = False
+        self._writer: Writer | None = None
+        self._thread: threading.Thread | None = None
+        self._listeners: list[Callable[[], None]] = []
+        self._corrupt: list[OutboxCorrupt] = []
+
+    # -- lifecycle ---------------------------------------------------------
+
+    def open(self) -> list[OutboxCorrupt]:
+        """Open (or create) the outbox and start the writer thread.
+
+        A database SQLite does not trust is moved aside and a fresh one
+        started; the reports are returned (and kept for :meth:`status_alarms`).
+        """
+        if self._writer is not None or self._closed:
+            raise OutboxError(f"outbox {self.path} is already open or was closed")
+        try:
+            os.makedirs(self.path, exist_ok=True)
+            marks = SeqMarks.load(self.path)
+            recovered = recover(self.path, marks)
+        except (OSError, sqlite3.Error) as exc:
+            if is_disk_full(exc, self.path):
+                raise DiskFull(self.path) from exc
+            raise OutboxError(f"outbox {self.path} cannot be opened: {exc}") from exc
+        self._corrupt.extend(recovered.reports)
+        self.counters["corrupt_moved"] += len(recovered.reports)
+        self._ballast.ensure()
+        self._writer = Writer(recovered, path=self.path, site=self.site,
+                              max_bytes=self.max_bytes, max_batch=self.max_batch,
+                              clock=self._clock, ballast=self._ballast, marks=marks,
+                              requests=self._queue, listeners=self._listeners,
+                              counters=self.counters)
+        self._thread = threading.Thread(target=self._writer.run, name="outbox-writer",
+                                        daemon=True)
+        self._thread.start()
+        return recovered.reports
+
+    def close(self) -> None:
+        """Commit what is queued, stop the writer thread and close the database."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+        if self._thread is not None:
+            self._queue.put(STOP)
+            self._thread.join()
+        while True:  # anything that raced in behind the stop
+            try:
+                request = self._queue.get_nowait()
+            except queue.Empty:
+                break
+            if isinstance(request, Submit | Ack):
+                with contextlib.suppress(concurrent.futures.InvalidStateError):
+                    request.future.set_exception(OutboxError(f"outbox {self.path} is closed"))
+        if self._writer is not None:
+            self._writer.cache.close()  # this thread's connection, if it read
+
+    # -- producers ----------------------------------------------------------
+
+    def submit(self, kind: str, data_json: str, source: str, idem_key: str | None = None
+               ) -> concurrent.futures.Future[Accepted]:
+        """Queue an event; the future resolves once its transaction committed."""
+        if kind not in KINDS:
+            raise ValueError(f"unknown event kind {kind!r} (one of {', '.join(KINDS)})")
+        future: concurrent.futures.Future[Accepted] = concurrent.futures.Future()
+        if len(data_json) > MAX_EVENT_BYTES:
+            future.set_exception(EventTooLarge(kind, len(data_json), MAX_EVENT_BYTES))
+            return future
+        request = Submit(kind, data_json, source, idem_key, future)
+        with self._lock:
+            if self._closed or self._thread is None:
+                raise OutboxError(f"outbox {self.path} is not open")
+            self._queue.put(request)
+        return future
+
+    async def append(self, kind: str, data_json: str, source: str,
+                     idem_key: str | None = None) -> Accepted:
+        return await asyncio.wrap_future(self.submit(kind, data_json, source, idem_key))
+
+    # -- the uplink ----------------------------------------------------------
+
+    def read(self, kind: str, after_seq: int, limit: int) -> list[tuple[int, bytes]]:
+        """Up to ``limit`` events of ``kind`` with seq > ``after_seq``, ascending."""
+        writer = self._writer
+        if writer is None or self._closed:
+            raise OutboxError(f"outbox {self.path} is not open")
+        try:
+            # diskcache keeps one connection per thread; a single range scan
+            # of the (key, raw) index, so a huge backlog is never in memory.
+            rows = writer.cache._con.execute(
+                "SELECT key, value FROM Cache WHERE key > ? AND key <= ? AND raw = 1"
+                " ORDER BY key LIMIT ?",
+                (event_key(kind, max(after_seq, 0)), event_key(kind, SEQ_MAX), max(limit, 0)),
+            ).fetchall()
+        except sqlite3.Error as exc:
+            raise OutboxError(f"outbox {self.path}: reading {kind} failed: {exc}") from exc
+        return [(seq_of(key), bytes(value)) for key, value in rows]
+
+    def ack(self, kind: str, upto: int) -> concurrent.futures.Future[int]:
+        """Delete every event of ``kind`` with seq <= ``upto``; resolves to the
+        number deleted (once all are). A lower ack than one already applied
+        changes nothing."""
+        if kind not in KINDS:
+            raise ValueError(f"unknown event kind {kind!r}")
+        future: concurrent.futures.Future[int] = concurrent.futures.Future()
+        with self._lock:
+            if self._closed or self._thread is None:
+                raise OutboxError(f"outbox {self.path} is not open")
+            self._queue.put(Ack(kind, upto, future))
+        return future
+
+    def add_listener(self, fn: Callable[[], None]) -> None:
+        self._listeners.append(fn)
+
+    def mark_published(self, kind: str, seq: int) -> None:
+        """The uplink is about to publish up to ``seq``: thinning stays off it.
+
+        Waits while a thinning transaction is open, so once this returns no
+        fold of seq <= ``seq`` can still commit, and one that committed is
+        seen by the next :meth:`read` (else raw readings could go out while
+        the aggregate replacing them is never sent).
+        """
+        if kind in KINDS and self._writer is not None:
+            self._writer.mark_published(kind, seq)
+
+    # -- status ------------------------------------------------------------
+
+    def stats(self) -> dict[str, KindStats]:
+        """Every kind's depth, bytes, oldest accepted time and seq range (in memory)."""
+        return dict(self._writer.stats if self._writer else _IDLE_STATS)
+
+    @property
+    def total_bytes(self) -> int:
+        return self._writer.total if self._writer else 0
+
+    @property
+    def state(self) -> str:
+        """``"ok"``, ``"full"`` (at max_bytes) or ``"disk_full"``."""
+        writer = self._writer
+        if writer is not None and writer.disk_full_since is not None:
+            return "disk_full"
+        return "full" if writer is not None and writer.full_since is not None else "ok"
+
+    def status_alarms(self) -> list[dict[str, Any]]:
+        """The open conditions for status: full, disk full, a corrupt file set aside."""
+        alarms: list[dict[str, Any]] = []
+        writer = self._writer
+        full_since = writer.full_since if writer else None
+        disk_full_since = writer.disk_full_since if writer else None
+        if full_since is not None:
+            alarms.append({
+                "code": "outbox_full", "since": iso_ms(full_since),
+                "message": f"outbox at max_bytes ({self.total_bytes} of {self.max_bytes} "
+                           "bytes): sale, plant and scan events are refused until HQ catches up"})
+        if disk_full_since is not None:
+            alarms.append({
+                "code": "outbox_disk_full", "since": iso_ms(disk_full_since),
+                "message": f"disk full under {self.path}: events are refused until space "
+                           "returns"})
+        for report in self._corrupt:
+            alarms.append({"code": "outbox_corrupt", "message": str(report),
+                           "moved_to": report.moved_to})
+        return alarms
+
+    @staticmethod
+    def inspect(path: str) -> OutboxReader:
+        """A read-only view for the CLI (the daemon stopped): stats, peek, export."""
+        return OutboxReader(path)
+
+    def __repr__(self) -> str:
+        return f"Outbox({self.path!r}, state={self.state}, bytes={self.total_bytes})"

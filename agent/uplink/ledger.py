@@ -1,0 +1,175 @@
+"""What the uplink has sent, what HQ has acked, and what goes out next.
+
+Pure code, time passed in, no I/O: per-kind pointers (``acked_upto``,
+``sent_upto``), the bounded in-flight window shared by all kinds, the order
+kinds are served in, ack timeouts and the hold-off after a refused PUBACK.
+``hq_ack`` selects what frees the window: HQ's cumulative acks (CONTRACT 4,
+the default), or the contiguous prefix of successful PUBACKs (broker-ack).
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+
+from agent.config import KINDS
+
+# The order kinds are served in each pass, and how many events of a kind one
+# pass may publish. Compliance events first; a million sensor readings drain
+# a quantum at a time behind them instead of starving them.
+PRIORITY: tuple[str, ...] = ("sale", "plant", "alarm", "print", "device", "scan", "sensor")
+QUANTUM: dict[str, int] = {"sale": 256, "plant": 256, "alarm": 64, "print": 64, "device": 64,
+                           "scan": 128, "sensor": 128}
+# High-volume kinds may not fill the last part of the in-flight window, so a
+# sale never waits for HQ to ack a sensor backlog before it can go out.
+BULK_KINDS = frozenset({"scan", "sensor"})
+BULK_RESERVE_FRACTION = 8          # 1/8 of mqtt.max_inflight is kept for the other kinds
+PUBLISH_FAILURE_HOLD_MAX_S = 30.0  # cap of the per-kind backoff after failed PUBACKs
+
+assert set(PRIORITY) == set(KINDS), "every kind needs a place in the uplink priority"
+
+
+@dataclass
+class SentEvent:
+    """One event handed to MQTT on this connection and not yet acknowledged."""
+
+    kind: str
+    seq: int
+    delivered: bool = False   # a successful PUBACK arrived (what broker-ack deletes on)
+    stale: bool = False       # its kind was rewound: a late PUBACK for it means nothing
+
+
+@dataclass
+class KindLedger:
+    """Delivery state of one kind."""
+
+    kind: str
+    acked_upto: int              # everything <= this is gone from the outbox (or going)
+    sent_upto: int               # the next read is after this seq
+    inflight: deque[SentEvent] = field(default_factory=deque)
+    progress_at: float = 0.0     # last time the ack advanced, or the window opened
+    hold_until: float = 0.0      # no sending before this (after a failed PUBACK)
+    failure_hold_s: float = 0.0
+    empty_read_last_seq: int = -1  # read found nothing while last_seq was this: wait for more
+    max_sent: int = 0            # highest seq ever handed to MQTT: at or below it is a resend
+
+
+class DeliveryLedger:
+    """Per-kind pointers, the bounded in-flight window and the serving order.
+
+    Pure: no I/O, time passed in. ``hq_ack`` selects what frees the window:
+    HQ's cumulative acks, or the contiguous prefix of successful PUBACKs.
+    """
+
+    def __init__(self, start_after: dict[str, int], *, max_inflight: int, hq_ack: bool,
+                 ack_timeout_s: float, hold_min_s: float) -> None:
+        self.kinds = {k: KindLedger(k, start_after.get(k, 0), start_after.get(k, 0))
+                      for k in PRIORITY}
+        self.max_inflight = max_inflight
+        self.hq_ack = hq_ack
+        self.ack_timeout_s = ack_timeout_s
+        self.hold_min_s = hold_min_s
+        self.bulk_reserve = max(1, max_inflight // BULK_RESERVE_FRACTION) if max_inflight > 1 else 0
+        self.resends = 0   # events handed to MQTT again (ack timeout, reconnect, refused PUBACK)
+
+    @property
+    def inflight(self) -> int:
+        return sum(len(k.inflight) for k in self.kinds.values())
+
+    def allowance(self, kind: str, now: float, last_seq: int) -> int:
+        """How many events of ``kind`` may be read and published now (0: none)."""
+        k = self.kinds[kind]
+        if now < k.hold_until or last_seq <= k.sent_upto or last_seq == k.empty_read_last_seq:
+            return 0
+        room = self.max_inflight - self.inflight
+        if kind in BULK_KINDS:
+            room -= self.bulk_reserve
+        return max(0, min(QUANTUM[kind], room))
+
+    def read_was_empty(self, kind: str, last_seq: int) -> None:
+        self.kinds[kind].empty_read_last_seq = last_seq
+
+    def record_sent(self, kind: str, seq: int, now: float) -> SentEvent:
+        k = self.kinds[kind]
+        if not k.inflight:
+            k.progress_at = now   # the ack clock starts when something is outstanding
+        entry = SentEvent(kind, seq)
+        k.inflight.append(entry)
+        k.sent_upto = max(k.sent_upto, seq)
+        k.empty_read_last_seq = -1
+        if seq <= k.max_sent:
+            self.resends += 1
+        else:
+            k.max_sent = seq
+        return entry
+
+    def hq_acked(self, kind: str, upto: int, now: float) -> bool:
+        """Apply HQ's cumulative ack; False when it does not move forward."""
+        k = self.kinds[kind]
+        if upto <= k.acked_upto:
+            return False
+        self._advance(k, upto, now)
+        return True
+
+    def _advance(self, k: KindLedger, upto: int, now: float) -> None:
+        k.acked_upto = upto
+        k.sent_upto = max(k.sent_upto, upto)
+        while k.inflight and k.inflight[0].seq <= upto:
+            k.inflight.popleft()
+        k.progress_at = now
+
+    def puback(self, entry: SentEvent, ok: bool, now: float) -> int | None:
+        """A PUBACK for ``entry``; returns the seq the outbox may now delete upto (broker-ack).
+
+        A failed PUBACK rewinds the kind and holds it back for a growing while.
+        """
+        if entry.stale:
+            return None
+        k = self.kinds[entry.kind]
+        if not ok:
+            self.rewind(entry.kind)
+            k.failure_hold_s = min(PUBLISH_FAILURE_HOLD_MAX_S,
+                                   max(self.hold_min_s, k.failure_hold_s * 2))
+            k.hold_until = now + k.failure_hold_s
+            return None
+        k.failure_hold_s = 0.0
+        entry.delivered = True
+        if self.hq_ack:
+            return None
+        upto = None
+        while k.inflight and k.inflight[0].delivered:
+            upto = k.inflight.popleft().seq
+        if upto is not None and upto > k.acked_upto:
+            k.acked_upto = upto
+            k.progress_at = now
+            return upto
+        return None
+
+    def rewind(self, kind: str) -> None:
+        """Resend ``kind`` from its first unacked seq."""
+        k = self.kinds[kind]
+        for entry in k.inflight:
+            entry.stale = True
+        k.inflight.clear()
+        k.sent_upto = k.acked_upto
+        k.empty_read_last_seq = -1
+
+    def rewind_all(self) -> None:
+        """After a reconnect: everything not acked goes again (HQ dedups by seq)."""
+        for kind in PRIORITY:
+            self.rewind(kind)
+
+    def timed_out(self, now: float) -> list[str]:
+        """Kinds whose ack has not advanced for ``ack_timeout_s`` while events are out."""
+        return [k.kind for k in self.kinds.values()
+                if k.inflight and now - k.progress_at >= self.ack_timeout_s]
+
+    def next_deadline(self, now: float) -> float:
+        """The earliest time a timeout or a hold expires (``inf``: none pending)."""
+        deadline = float("inf")
+        for k in self.kinds.values():
+            if k.inflight:
+                deadline = min(deadline, k.progress_at + self.ack_timeout_s)
+            if k.hold_until > now:
+                deadline = min(deadline, k.hold_until)
+        return deadline

@@ -1,0 +1,83 @@
+"""The uplink's side of CONTRACT 4 that needs no socket.
+
+Ack payloads, host entries, the status payload, and the one-line wording of
+connection failures for operators (foreign errors are mapped here, once).
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import ssl
+from dataclasses import dataclass
+
+from paho.mqtt.reasoncodes import ReasonCode
+
+from agent.config import KINDS
+from agent.envelope import iso_ms
+
+
+def split_host(entry: str, default_port: int) -> tuple[str, int]:
+    """``host``, ``host:port`` or ``[v6]:port`` from ``mqtt.hosts``."""
+    if entry.startswith("["):
+        host, _, rest = entry[1:].partition("]")
+        return host, int(rest[1:]) if rest.startswith(":") and rest[1:].isdigit() else default_port
+    host, sep, port = entry.rpartition(":")
+    if sep and port.isdigit() and ":" not in host:
+        return host, int(port)
+    return entry, default_port
+
+
+def describe_connect_error(exc: BaseException, where: str, connect_timeout: float) -> str:
+    """One line for an operator: what failed, and which key to check."""
+    if isinstance(exc, ssl.SSLCertVerificationError):
+        return (f"{where}: TLS: the broker's certificate is not trusted ({exc.verify_message}); "
+                f"check mqtt.ca_file")
+    if isinstance(exc, ssl.SSLError):
+        return f"{where}: TLS handshake failed ({exc.reason or exc}); check mqtt.ca_file/cert_file"
+    if isinstance(exc, ConnectionRefusedError):
+        return f"{where}: connection refused (is the broker running and listening there?)"
+    if isinstance(exc, socket.gaierror):
+        return f"{where}: cannot resolve the host name ({exc.strerror})"
+    if isinstance(exc, TimeoutError | socket.timeout):
+        return f"{where}: no answer within {connect_timeout:g}s (mqtt.connect_timeout_s)"
+    if isinstance(exc, OSError):
+        return f"{where}: {exc.strerror or exc}"
+    return f"{where}: {type(exc).__name__}: {exc}"
+
+
+def describe_refusal(reason: ReasonCode | None, where: str) -> str:
+    name = str(reason) if reason is not None else "unknown reason"
+    hint = ""
+    if reason is not None and reason.value in (0x86, 0x87, 4, 5):   # bad user/pw, not authorised
+        hint = " (check mqtt.username, mqtt.password_file and the client certificate)"
+    return f"{where}: the broker refused the connection: {name}{hint}"
+
+
+@dataclass(frozen=True)
+class AckMessage:
+    """A valid ack: HQ has stored every ``kind`` event with seq <= ``upto``."""
+
+    kind: str
+    upto: int
+
+
+def parse_ack(payload: bytes) -> AckMessage | str:
+    """``{"kind": K, "upto": N}`` from ``P/acks``, or what is wrong with it."""
+    try:
+        body = json.loads(payload)
+    except (ValueError, RecursionError):   # bad UTF-8 or JSON, or nested absurdly deep
+        return "not UTF-8 JSON"
+    if not isinstance(body, dict):
+        return "not a JSON object"
+    kind, upto = body.get("kind"), body.get("upto")
+    if kind not in KINDS:
+        return f"kind {kind!r} is not one of {', '.join(KINDS)}"
+    if not isinstance(upto, int) or isinstance(upto, bool) or upto < 0:
+        return f"upto {upto!r} is not a non-negative integer"
+    return AckMessage(kind, upto)
+
+
+def status_payload(state: str, version: str, now: float) -> bytes:
+    """``P/status``: ``{"state": "online"|"offline", "ts", "version"}``."""
+    return json.dumps({"state": state, "ts": iso_ms(now), "version": version}).encode()

@@ -1,0 +1,512 @@
+"""The MQTT uplink against a real mosquitto: delivery, acks, resends, failover, TLS, priority."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import socket
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import paho.mqtt.client as mqtt
+import pytest
+from paho.mqtt.enums import CallbackAPIVersion
+
+from agent.config import KINDS, AgentConfig
+from agent.localbroker import Broker, free_port, make_tls_files, start_broker
+from agent.outbox import Outbox
+from agent.uplink import DeliveryLedger, Uplink, parse_ack, split_host
+from tests.conftest import wait_for
+
+SITE = "t-site"
+ROOT = f"edge/{SITE}"
+
+
+# --------------------------------------------------------------------------- outbox
+
+
+@pytest.fixture
+def make_outbox(tmp_path: Path) -> Iterator[Callable[[], Outbox]]:
+    made: list[Outbox] = []
+
+    def make() -> Outbox:
+        box = Outbox(str(tmp_path / f"outbox{len(made)}"), SITE, max_bytes=1 << 28)
+        box.open()
+        made.append(box)
+        return box
+
+    yield make
+    for box in made:
+        box.close()
+
+
+@pytest.fixture
+def outbox(make_outbox: Callable[[], Outbox]) -> Outbox:
+    return make_outbox()
+
+
+def submit(outbox: Any, kind: str, n: int, start: int = 0) -> None:
+    futures = [outbox.submit(kind, json.dumps({"n": start + i}), "test") for i in range(n)]
+    for f in futures:
+        f.result(timeout=30)
+
+
+def depth(outbox: Any, kind: str) -> int:
+    return int(outbox.stats()[kind].depth)
+
+
+# --------------------------------------------------------------------------- HQ played by the test
+
+
+class Hq:
+    """A subscriber on P/#: records events, status and results; acks like HQ when asked."""
+
+    def __init__(self, port: int, *, ack: bool = False) -> None:
+        self.ack = ack
+        self.lock = threading.Lock()
+        self.events: list[dict[str, Any]] = []
+        self.raw: list[bytes] = []
+        self.status: list[dict[str, Any]] = []
+        self.results: list[dict[str, Any]] = []
+        self.health: list[dict[str, Any]] = []
+        self.stored: dict[str, set[int]] = {k: set() for k in KINDS}
+        self.watermark = dict.fromkeys(KINDS, 0)
+        self.client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=f"hq-{free_port()}",
+                                  protocol=mqtt.MQTTv5)
+        self.client.on_connect = lambda c, *_: c.subscribe(f"{ROOT}/#", qos=1)
+        self.client.on_message = self._on_message
+        self.client.reconnect_delay_set(0.05, 0.2)  # type: ignore[arg-type]
+        self.client.connect("127.0.0.1", port, keepalive=5)
+        self.client.loop_start()
+        wait_for(self.client.is_connected, what="test HQ connected")
+
+    def _on_message(self, client: mqtt.Client, userdata: Any, msg: mqtt.MQTTMessage) -> None:
+        topic = msg.topic
+        with self.lock:
+            if "/events/" in topic:
+                env = json.loads(msg.payload)
+                self.events.append(env)
+                self.raw.append(msg.payload)
+                kind = env["kind"]
+                self.stored[kind].add(env["seq"])
+                while self.watermark[kind] + 1 in self.stored[kind]:
+                    self.watermark[kind] += 1
+                if self.ack:
+                    self.send_ack(kind, self.watermark[kind])
+            elif topic.endswith("/status"):
+                self.status.append(json.loads(msg.payload) | {"retain": msg.retain})
+            elif topic.endswith("/command-results"):
+                self.results.append(json.loads(msg.payload))
+            elif topic.endswith("/health"):
+                self.health.append(json.loads(msg.payload) | {"qos": msg.qos})
+
+    def send_ack(self, kind: str, upto: int) -> None:
+        self.client.publish(f"{ROOT}/acks", json.dumps({"kind": kind, "upto": upto}), qos=1)
+
+    def seqs(self, kind: str) -> list[int]:
+        with self.lock:
+            return [e["seq"] for e in self.events if e["kind"] == kind]
+
+    def close(self) -> None:
+        self.client.disconnect()
+        self.client.loop_stop()
+
+
+@pytest.fixture
+def make_hq() -> Iterator[Callable[..., Hq]]:
+    made: list[Hq] = []
+
+    def make(port: int, **kw: Any) -> Hq:
+        made.append(Hq(port, **kw))
+        return made[-1]
+
+    yield make
+    for hq in made:
+        hq.close()
+
+
+def config(port: int, **mqtt_keys: Any) -> AgentConfig:
+    keys: dict[str, Any] = {"hosts": ["127.0.0.1"], "port": port, "tls": False,
+                            "keepalive_s": 5, "backoff_min_s": 0.05, "backoff_max_s": 0.3,
+                            "connect_timeout_s": 2.0, "ack_timeout_s": 30.0}
+    keys.update(mqtt_keys)
+    return AgentConfig(site={"id": SITE}, mqtt=keys)
+
+
+@pytest.fixture
+def make_uplink() -> Iterator[Callable[..., Uplink]]:
+    made: list[Uplink] = []
+
+    def make(cfg: AgentConfig, outbox: Any, **kw: Any) -> Uplink:
+        up = Uplink(cfg, outbox, version="9.9.9", **kw)
+        up.start()
+        made.append(up)
+        return up
+
+    yield make
+    for up in made:
+        up.stop()
+
+
+def connected(up: Uplink) -> bool:
+    return bool(up.snapshot()["state"] == "connected")
+
+
+# --------------------------------------------------------------------------- a TCP proxy we can cut
+
+
+class TcpProxy:
+    """Forwards a local port to the broker; ``cut()`` resets every live connection."""
+
+    def __init__(self, upstream_port: int) -> None:
+        self.upstream_port = upstream_port
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        self.conns: list[socket.socket] = []
+        self.lock = threading.Lock()
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                down, _ = self.listener.accept()
+            except OSError:
+                return
+            up = socket.create_connection(("127.0.0.1", self.upstream_port))
+            with self.lock:
+                self.conns += [down, up]
+            for a, b in ((down, up), (up, down)):
+                threading.Thread(target=self._pipe, args=(a, b), daemon=True).start()
+
+    @staticmethod
+    def _pipe(src: socket.socket, dst: socket.socket) -> None:
+        try:
+            while data := src.recv(65536):
+                dst.sendall(data)
+        except OSError:
+            pass
+
+    def cut(self) -> None:
+        with self.lock:
+            conns, self.conns = self.conns, []
+        for s in conns:
+            # shutdown() first: close() alone does not wake the pipe thread blocked in recv().
+            with contextlib.suppress(OSError):
+                s.shutdown(socket.SHUT_RDWR)
+            s.close()
+
+    def close(self) -> None:
+        self.listener.close()
+        self.cut()
+
+
+# --------------------------------------------------------------------------- pure parts
+
+
+def test_ledger_keeps_room_for_sales_when_sensors_fill_the_window() -> None:
+    """Bulk kinds may not use the reserved part of the window; sales may."""
+    ledger = DeliveryLedger({}, max_inflight=16, hq_ack=True, ack_timeout_s=5, hold_min_s=1)
+    for seq in range(1, 15):
+        ledger.record_sent("sensor", seq, now=0.0)
+    assert ledger.allowance("sensor", 0.0, last_seq=100) == 0
+    assert ledger.allowance("sale", 0.0, last_seq=1) == 2
+
+
+def test_ledger_broker_ack_deletes_only_the_contiguous_prefix() -> None:
+    """In broker-ack mode a PUBACK out of order does not delete past a gap."""
+    ledger = DeliveryLedger({}, max_inflight=10, hq_ack=False, ack_timeout_s=5, hold_min_s=1)
+    e1, e2, e3 = (ledger.record_sent("sale", s, 0.0) for s in (1, 2, 3))
+    assert ledger.puback(e2, True, 0.0) is None
+    assert ledger.puback(e1, True, 0.0) == 2
+    assert ledger.puback(e3, False, 0.0) is None      # refused: rewound and held back
+    assert ledger.kinds["sale"].sent_upto == 2
+    assert ledger.allowance("sale", 0.5, last_seq=3) == 0
+    assert ledger.allowance("sale", 1.5, last_seq=3) > 0
+
+
+def test_ledger_acks_only_move_forward_and_timeouts_rewind() -> None:
+    """A lower ack is ignored; an ack that stalls past ack_timeout_s rewinds the kind."""
+    ledger = DeliveryLedger({"sale": 4}, max_inflight=10, hq_ack=True, ack_timeout_s=5,
+                            hold_min_s=1)
+    for seq in (5, 6, 7):
+        ledger.record_sent("sale", seq, 10.0)
+    assert not ledger.hq_acked("sale", 3, 11.0)
+    assert ledger.hq_acked("sale", 5, 11.0)
+    assert ledger.timed_out(15.9) == []
+    assert ledger.timed_out(16.0) == ["sale"]
+    ledger.rewind("sale")
+    assert ledger.kinds["sale"].sent_upto == 5 and ledger.resends == 0
+    for seq in (6, 7, 8):
+        ledger.record_sent("sale", seq, 17.0)
+    assert ledger.resends == 2        # 6 and 7 went before; 8 is new
+
+
+def test_parse_ack_and_hosts() -> None:
+    """Ack payloads are validated field by field; hosts may carry their own port."""
+    assert parse_ack(b'{"kind":"sale","upto":3}').upto == 3  # type: ignore[union-attr]
+    assert "kind" in parse_ack(b'{"kind":"nope","upto":3}')  # type: ignore[operator]
+    assert "upto" in parse_ack(b'{"kind":"sale","upto":true}')  # type: ignore[operator]
+    assert "JSON" in parse_ack(b"\xff")  # type: ignore[operator]
+    assert split_host("h", 1) == ("h", 1)
+    assert split_host("h:2", 1) == ("h", 2)
+    assert split_host("[::1]:3", 1) == ("::1", 3)
+    assert split_host("::1", 1) == ("::1", 1)
+
+
+# --------------------------------------------------------------------------- against mosquitto
+
+
+def test_events_flow_in_per_kind_order(broker: Broker, outbox: Any, make_hq: Any,
+                                       make_uplink: Any) -> None:
+    """Events arrive at HQ as the stored bytes, each kind in seq order, on P/events/{kind}."""
+    hq = make_hq(broker.port)
+    submit(outbox, "sale", 30)
+    submit(outbox, "scan", 30)
+    up = make_uplink(config(broker.port), outbox)
+    submit(outbox, "sale", 20, start=30)
+    wait_for(lambda: len(hq.seqs("sale")) >= 50 and len(hq.seqs("scan")) >= 30,
+             what="all events at HQ")
+    assert hq.seqs("sale") == list(range(1, 51))
+    assert hq.seqs("scan") == list(range(1, 31))
+    stored = dict(outbox.read("sale", 0, 100))
+    assert hq.raw[[e["seq"] for e in hq.events if e["kind"] == "sale"].index(7)] == stored[7]
+    assert up.snapshot()["unacked"]["sale"] == 50
+
+
+@pytest.mark.parametrize("protocol", ["5", "3.1.1"])
+def test_nothing_leaves_the_outbox_until_hq_acks(broker: Broker, outbox: Any, make_hq: Any,
+                                                 make_uplink: Any, protocol: str) -> None:
+    """In hq-ack mode only HQ's cumulative ack deletes, and only up to the acked seq."""
+    hq = make_hq(broker.port)
+    up = make_uplink(config(broker.port, protocol=protocol), outbox)
+    submit(outbox, "plant", 10)
+    wait_for(lambda: len(hq.seqs("plant")) == 10, what="plant events at HQ")
+    time.sleep(0.2)  # give a wrong delete a chance to happen
+    assert depth(outbox, "plant") == 10
+    hq.send_ack("plant", 6)
+    wait_for(lambda: depth(outbox, "plant") == 4, what="delete up to 6")
+    snap = up.snapshot()
+    assert snap["acked_upto"]["plant"] == 6 and snap["unacked"]["plant"] == 4
+    assert snap["acks"] == 1 and snap["last_ack_ts"] is not None
+    assert [s for s, _ in outbox.read("plant", 0, 100)] == [7, 8, 9, 10]
+
+
+def test_resend_after_ack_timeout(broker: Broker, outbox: Any, make_hq: Any,
+                                  make_uplink: Any) -> None:
+    """With no ack for ack_timeout_s, the kind goes again from the first unacked seq, same bytes."""
+    hq = make_hq(broker.port)
+    up = make_uplink(config(broker.port, ack_timeout_s=0.3), outbox)
+    submit(outbox, "sale", 3)
+    hq.send_ack("sale", 1)  # may arrive before or after the first send: both are fine
+    wait_for(lambda: hq.seqs("sale").count(3) >= 3, what="seq 3 resent twice")
+    assert up.snapshot()["resends"] >= 4      # seqs 2 and 3 (at least), twice
+    with hq.lock:
+        copies = {e["seq"]: set() for e in hq.events}
+        for env, raw in zip(hq.events, hq.raw, strict=True):
+            copies[env["seq"]].add(raw)
+    assert all(len(v) == 1 for v in copies.values()), "a resend must be byte-identical"
+    hq.send_ack("sale", 3)
+    wait_for(lambda: depth(outbox, "sale") == 0, what="acked")
+    n = len(hq.seqs("sale"))
+    time.sleep(0.5)
+    assert len(hq.seqs("sale")) == n, "no resends once everything is acked"
+
+
+def test_broker_killed_mid_stream(broker: Broker, outbox: Any, make_hq: Any,
+                                  make_uplink: Any) -> None:
+    """A SIGKILLed broker loses what it held; after it returns everything arrives and is acked."""
+    hq = make_hq(broker.port, ack=True)
+    up = make_uplink(config(broker.port, ack_timeout_s=1.0), outbox)
+    submit(outbox, "sale", 200)
+    wait_for(lambda: len(hq.seqs("sale")) >= 50, what="first events at HQ")
+    broker.kill()
+    submit(outbox, "sale", 200, start=200)   # accepted while the broker is down
+    wait_for(lambda: up.snapshot()["state"] != "connected", what="uplink notices")
+    broker.start()
+    wait_for(lambda: hq.stored["sale"] >= set(range(1, 401)), timeout=20,
+             what="every seq at HQ")
+    wait_for(lambda: depth(outbox, "sale") == 0, timeout=10, what="everything acked")
+    snap = up.snapshot()
+    assert snap["reconnects"] >= 1 and snap["acked_upto"]["sale"] == 400
+
+
+def test_failover_to_the_second_host(broker: Broker, outbox: Any, make_hq: Any,
+                                     make_uplink: Any) -> None:
+    """A dead first host is skipped and the next one in mqtt.hosts is used."""
+    hq = make_hq(broker.port)
+    dead = free_port()
+    up = make_uplink(config(broker.port, hosts=[f"127.0.0.1:{dead}", "127.0.0.1"]), outbox)
+    wait_for(lambda: connected(up), what="connected")
+    assert up.snapshot()["host"] == f"127.0.0.1:{broker.port}"
+    submit(outbox, "alarm", 2)
+    wait_for(lambda: hq.seqs("alarm") == [1, 2], what="alarms at HQ")
+
+
+def test_status_online_retained_and_will_on_a_cut_connection(
+        broker: Broker, outbox: Any, make_hq: Any, make_uplink: Any) -> None:
+    """P/status is retained online on connect; a cut TCP link makes the broker publish the will."""
+    proxy = TcpProxy(broker.port)
+    try:
+        up = make_uplink(config(proxy.port), outbox)
+        wait_for(lambda: connected(up), what="connected")
+        hq = make_hq(broker.port)      # subscribes after: sees the retained status
+        wait_for(lambda: hq.status, what="retained status")
+        first = hq.status[0]
+        assert first["state"] == "online" and first["retain"] and first["version"] == "9.9.9"
+        proxy.cut()
+        wait_for(lambda: any(s["state"] == "offline" for s in hq.status), what="the will")
+        wait_for(lambda: hq.status[-1]["state"] == "online", what="back online")
+        up.stop()
+        wait_for(lambda: hq.status[-1]["state"] == "offline", what="offline on stop()")
+    finally:
+        proxy.close()
+
+
+def test_tls_with_client_certificates(tmp_path: Path, make_outbox: Any,
+                                     make_uplink: Any) -> None:
+    """mTLS works with the client certificate; without it the refusal is reported, not raised."""
+    tls = make_tls_files(str(tmp_path / "tls"))
+    (tmp_path / "broker").mkdir()
+    b = start_broker(str(tmp_path / "broker"), tls=tls)
+    try:
+        good = make_uplink(config(b.port, tls=True, ca_file=tls.ca, cert_file=tls.client_cert,
+                                  key_file=tls.client_key, client_id="good"), make_outbox())
+        wait_for(lambda: connected(good), what="mTLS connection")
+        bare = make_uplink(config(b.port, tls=True, ca_file=tls.ca, client_id="bare"),
+                           make_outbox())
+        wait_for(lambda: bare.snapshot()["last_error"], what="refusal reported")
+        assert bare.snapshot()["state"] != "connected"
+        missing = make_uplink(config(b.port, tls=True, ca_file=tls.ca,
+                                     cert_file=str(tmp_path / "nope.pem"),
+                                     key_file=tls.client_key, client_id="missing"),
+                              make_outbox())
+        wait_for(lambda: missing.snapshot()["last_error"], what="missing file reported")
+        assert "mqtt.cert_file" in missing.snapshot()["last_error"]
+        assert connected(good)
+    finally:
+        b.stop()
+
+
+def test_broker_ack_mode_deletes_on_puback(broker: Broker, outbox: Any,
+                                           make_uplink: Any) -> None:
+    """With delivery = broker-ack, a successful PUBACK deletes without any HQ ack."""
+    up = make_uplink(config(broker.port, delivery="broker-ack"), outbox)
+    submit(outbox, "print", 25)
+    wait_for(lambda: depth(outbox, "print") == 0, what="deleted on PUBACK")
+    assert up.snapshot()["acked_upto"]["print"] == 25
+
+
+def test_publish_refused_by_acl_is_not_a_delivery(tmp_path: Path, outbox: Any,
+                                                  make_uplink: Any) -> None:
+    """A PUBACK with a failure reason (MQTT 5 ACL denial) counts a failure and deletes nothing."""
+    acl = tmp_path / "acl"
+    acl.write_text(f"topic readwrite {ROOT}/status\ntopic read {ROOT}/#\n"
+                   f"topic write {ROOT}/events/sale\n")
+    (tmp_path / "broker").mkdir()
+    b = start_broker(str(tmp_path / "broker"), extra_conf=f"acl_file {acl}\n")
+    try:
+        # One denied event: mosquitto 2.0.x also drops the client right after a denied
+        # QoS 1 publish, and a burst would turn that into a reset that eats the PUBACK.
+        submit(outbox, "device", 1)
+        submit(outbox, "sale", 3)
+        up = make_uplink(config(b.port, delivery="broker-ack"), outbox)
+        wait_for(lambda: depth(outbox, "sale") == 0, what="allowed kind deleted")
+        wait_for(lambda: up.snapshot()["publish_failures"] >= 1, what="failure counted")
+        assert depth(outbox, "device") == 1
+        wait_for(lambda: connected(up), what="connected again")  # it reconnects, holds device back
+    finally:
+        b.stop()
+
+
+def test_a_sale_overtakes_a_sensor_backlog(broker: Broker, outbox: Any, make_hq: Any,
+                                           make_uplink: Any) -> None:
+    """A sale submitted while a big sensor backlog drains reaches HQ before the backlog is done."""
+    hq = make_hq(broker.port)
+    backlog = 20000
+    submit(outbox, "sensor", backlog)
+    make_uplink(config(broker.port, delivery="broker-ack", max_inflight=64), outbox)
+    wait_for(lambda: len(hq.seqs("sensor")) >= 100, what="backlog draining")
+    submit(outbox, "sale", 1)
+    wait_for(lambda: hq.seqs("sale") == [1], what="the sale at HQ")
+    with hq.lock:
+        kinds = [e["kind"] for e in hq.events]
+    assert kinds.index("sale") < backlog, "the sale waited for the whole sensor backlog"
+    assert depth(outbox, "sensor") > 0
+
+
+def test_a_full_window_of_sensors_leaves_room_for_a_sale(broker: Broker, outbox: Any,
+                                                         make_hq: Any, make_uplink: Any) -> None:
+    """When unacked sensors fill the window, a sale still goes out at once (reserved room)."""
+    hq = make_hq(broker.port)
+    up = make_uplink(config(broker.port, max_inflight=40), outbox)
+    submit(outbox, "sensor", 200)
+    wait_for(lambda: len(hq.seqs("sensor")) >= 35, what="sensor window full")
+    time.sleep(0.1)
+    assert up.snapshot()["unacked"]["sensor"] == 35   # 40 less the 1/8 reserve
+    submit(outbox, "sale", 1)
+    wait_for(lambda: hq.seqs("sale") == [1], timeout=2, what="the sale at HQ")
+
+
+def test_commands_and_results(broker: Broker, outbox: Any, make_hq: Any,
+                              make_uplink: Any) -> None:
+    """P/commands/{name} reaches on_command; send_command_result publishes on P/command-results."""
+    hq = make_hq(broker.port)
+    got: list[tuple[str, bytes]] = []
+    up = make_uplink(config(broker.port), outbox, on_command=lambda n, p: got.append((n, p)))
+    wait_for(lambda: connected(up), what="connected")
+    time.sleep(0.1)  # the SUBSCRIBE follows CONNACK
+    hq.client.publish(f"{ROOT}/commands/reprint", b'{"id":"c1","args":{}}', qos=1)
+    wait_for(lambda: got, what="command delivered")
+    assert got == [("reprint", b'{"id":"c1","args":{}}')]
+    up.send_command_result({"id": "c1", "ok": True, "result": None, "error": None})
+    wait_for(lambda: hq.results, what="result at HQ")
+    assert hq.results == [{"id": "c1", "ok": True, "result": None, "error": None}]
+
+
+def test_malformed_acks_are_ignored(broker: Broker, outbox: Any, make_hq: Any,
+                                    make_uplink: Any, caplog: pytest.LogCaptureFixture) -> None:
+    """Bad acks (junk, unknown kind, bad upto, beyond the last seq) are counted and ignored."""
+    hq = make_hq(broker.port)
+    up = make_uplink(config(broker.port), outbox)
+    submit(outbox, "sale", 5)
+    wait_for(lambda: len(hq.seqs("sale")) == 5, what="sales at HQ")
+    for junk in (b"\xff\x00", b"[1]", b'{"kind":"nope","upto":1}', b'{"kind":"sale"}',
+                 b'{"kind":"sale","upto":-1}', b'{"kind":"sale","upto":99}'):
+        hq.client.publish(f"{ROOT}/acks", junk, qos=1)
+    wait_for(lambda: up.snapshot()["bad_acks"] == 6, what="bad acks counted")
+    assert depth(outbox, "sale") == 5 and connected(up)
+    assert sum("malformed ack" in r.getMessage() for r in caplog.records
+               if r.levelname == "WARNING") == 1
+    hq.send_ack("sale", 5)
+    wait_for(lambda: depth(outbox, "sale") == 0, what="a good ack still works")
+
+
+def test_health_is_published_every_interval(broker: Broker, outbox: Any, make_hq: Any,
+                                            make_uplink: Any) -> None:
+    """health() goes to P/health at QoS 0 on connect and every mqtt.health_interval_s."""
+    hq = make_hq(broker.port)
+    make_uplink(config(broker.port, health_interval_s=0.2), outbox,
+                health=lambda: {"state": "healthy"})
+    wait_for(lambda: len(hq.health) >= 3, what="three health messages")
+    assert hq.health[0] == {"state": "healthy", "qos": 0}
+
+
+def test_unreachable_broker_is_reported_once_and_stop_is_prompt(
+        outbox: Any, make_uplink: Any, caplog: pytest.LogCaptureFixture) -> None:
+    """A dead broker logs one ERROR (repeats at DEBUG), shows in snapshot, and stop() is quick."""
+    caplog.set_level(logging.DEBUG, logger="agent.uplink")
+    dead = free_port()
+    up = make_uplink(config(dead, backoff_min_s=0.02, backoff_max_s=0.05), outbox)
+    wait_for(lambda: sum("refused" in r.getMessage() for r in caplog.records) >= 4,
+             what="several attempts")
+    snap = up.snapshot()
+    assert snap["state"] != "connected" and "refused" in snap["last_error"]
+    assert sum(r.levelname == "ERROR" for r in caplog.records) == 1
+    started = time.monotonic()
+    up.stop()
+    assert time.monotonic() - started < 1.0
+    assert up.snapshot()["state"] == "disconnected"
