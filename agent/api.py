@@ -83,6 +83,8 @@ class ApiContext:
     started_at: float
     max_body_bytes: int = MAX_BODY_BYTES
     clock: Callable[[], float] = field(default=time.time)
+    # Device families (agent/services.py): each may add routes and metrics.
+    services: list[Any] = field(default_factory=list)
 
 
 # -- the error shape -----------------------------------------------------------------------
@@ -636,6 +638,15 @@ def create_app(ctx: ApiContext) -> FastAPI:
         return app.openapi_schema
 
     app.openapi = _openapi  # type: ignore[method-assign]
+    # Device families add their routes (authenticated with the same Caller
+    # dependency) and their metrics to this app's registry.
+    for service in ctx.services:
+        service_router = service.router()
+        if service_router is not None:
+            app.include_router(service_router)
+        collector = service.collector()
+        if collector is not None:
+            metrics.registry.register(collector)
     return app
 
 

@@ -96,6 +96,9 @@ def _check_config(path: str) -> int:
         Tokens.load(cfg.api.tokens_file)
     except AgentError as exc:
         problems.append(f"api.tokens_file: {exc}")
+    from agent.services import config_issues
+
+    problems.extend(str(issue) for issue in config_issues(cfg))
     for key in ("ca_file", "cert_file", "key_file", "password_file"):
         value = getattr(cfg.mqtt, key)
         if value and not _readable(value):

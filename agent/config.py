@@ -217,6 +217,8 @@ class AgentConfig(_Settings):
     compliance: ComplianceConfig = Field(default_factory=ComplianceConfig)
     api: ApiConfig = Field(default_factory=ApiConfig)
     devices: list[DeviceConfig] = Field(default_factory=list)
+    # Grow rooms and their stage bands; validated by agent/climate.py (issue 5).
+    rooms: list[dict[str, Any]] = Field(default_factory=list)
     # Lets one file serve the demo's agent and HQ receiver alike.
     hq: HqConfig = Field(default_factory=HqConfig)
 

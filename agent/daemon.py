@@ -15,6 +15,7 @@ import logging
 import signal
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import uvicorn
@@ -26,6 +27,7 @@ from agent.commands import CommandRouter
 from agent.config import AgentConfig
 from agent.errors import AgentError, OutboxCorrupt, OutboxError
 from agent.outbox import Outbox
+from agent.services import Service, ServiceContext, all_devices, build_services
 from agent.status import build_status
 from agent.uplink import Uplink
 
@@ -109,10 +111,18 @@ async def serve(cfg: AgentConfig) -> int:
 
     uplink: Uplink | None = None
     router = CommandRouter(lambda result: uplink.send_command_result(result) if uplink else None)
+    services = build_services(cfg)
+    service_ctx = ServiceContext(cfg=cfg, outbox=outbox, state_dir=Path(cfg.outbox.path).parent,
+                                 loop=loop)
+    for service in services:
+        await service.start(service_ctx)
+        for name, handler in service.commands().items():
+            router.register(name, handler)
     started_at = time.time()
     ctx = ApiContext(cfg=cfg, outbox=outbox, tokens=tokens,
                      uplink_snapshot=lambda: uplink.snapshot() if uplink else {},
-                     devices_snapshot=list, started_at=started_at)
+                     devices_snapshot=lambda: all_devices(services), started_at=started_at,
+                     services=services)
     uplink = Uplink(cfg, outbox, version=__version__, health=lambda: build_status(ctx),
                     on_command=router.dispatch)
     uplink.start()
@@ -123,7 +133,7 @@ async def serve(cfg: AgentConfig) -> int:
     server_task = asyncio.create_task(server.serve(), name="api")
     while not server.started:
         if server_task.done():
-            await _shutdown(outbox, uplink, router)
+            await _shutdown(outbox, uplink, router, services)
             exc = server_task.exception()
             raise AgentError(f"api: cannot listen on {cfg.api.bind}:{cfg.api.port}"
                              + (f" ({exc})" if exc else "; is the port in use?"))
@@ -156,12 +166,20 @@ async def serve(cfg: AgentConfig) -> int:
     with contextlib.suppress(TimeoutError, asyncio.CancelledError):
         await asyncio.wait_for(server_task, SHUTDOWN_BUDGET_S / 2)
     await conditions.poll()
-    await _shutdown(outbox, uplink, router)
+    await _shutdown(outbox, uplink, router, services)
     log.info("stopped cleanly")
     return 0
 
 
-async def _shutdown(outbox: Outbox, uplink: Uplink, router: CommandRouter) -> None:
+async def _shutdown(outbox: Outbox, uplink: Uplink, router: CommandRouter,
+                    services: list[Service]) -> None:
+    # Devices first: a scan or reading that arrives while stopping still finds
+    # the outbox open. Each service gets a slice of the budget.
+    for service in reversed(services):
+        try:
+            await asyncio.wait_for(service.stop(), SHUTDOWN_BUDGET_S / 8)
+        except Exception:  # one family failing to stop must not keep the rest open
+            log.exception("stopping %s failed", service.name)
     await asyncio.to_thread(uplink.stop, SHUTDOWN_BUDGET_S / 4)
     await asyncio.to_thread(router.close)
     await asyncio.to_thread(outbox.close)

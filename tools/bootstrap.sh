@@ -30,6 +30,8 @@ SYSTEM_TOOLS=(
     "openssl:openssl"                    # throwaway CA and certificates for the TLS tests
     "systemd-analyze:systemd"            # tests/test_systemd.py: unit verify + security score
     "socat:socat"                        # ptys standing in for serial devices
+    "node:nodejs"                        # the independent offline ZPL renderer (printer tests)
+    "npm:npm"
 )
 
 log() { printf 'bootstrap: %s\n' "$*" >&2; }
@@ -154,6 +156,16 @@ else
     rm -f "$pip_log"
     [ "$pip_rc" -eq 0 ] || die "pip install -e '.[test]' failed (exit $pip_rc; see the errors above)"
     printf '%s\n' "$want_stamp" >"$STAMP"
+fi
+
+# --- 4. The independent ZPL renderer (tests/test_printer_zpl_render.py) --------
+# zpl-renderer-js is a WebAssembly build of Zebrash that renders ZPL offline;
+# it lives under .venv so it goes away with the venv. Pinned: golden renders.
+ZPL_DIR="$VENV/zpl-renderer"
+if [ ! -d "$ZPL_DIR/node_modules/zpl-renderer-js" ]; then
+    log "npm install zpl-renderer-js@3.4.0 (into $ZPL_DIR)"
+    npm install --prefix "$ZPL_DIR" --no-save --no-audit --no-fund --loglevel=error \
+        zpl-renderer-js@3.4.0 </dev/null >&2 || die "npm install zpl-renderer-js failed"
 fi
 
 log "ready: $("$VENV/bin/python" --version 2>&1) in .venv; mosquitto, openssl, systemd-analyze, socat present"
