@@ -78,8 +78,11 @@ class Tokens:
             raise ConfigError(path, [ConfigIssue("", f"cannot read {path}: "
                                                      f"{exc.strerror or exc}")]) from None
         tokens = cls.parse(text, source=path)
-        if mode & (stat.S_IRWXG | stat.S_IRWXO):
-            log.warning("tokens file %s is readable by group or others; chmod 600 it", path)
+        # Group read is the documented install (root:edge-agent 0640: the
+        # service user reads it through its group); others never.
+        if mode & (stat.S_IWGRP | stat.S_IRWXO):
+            log.warning("tokens file %s is readable by others or writable by its group; "
+                        "chmod 0640 (owner root, group edge-agent) or 0600", path)
         if not tokens.names:
             log.warning("tokens file %s lists no tokens: every API call but /healthz gets 401",
                         path)
