@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import secrets
 import signal
 import subprocess
@@ -31,9 +32,16 @@ def _toml_value(value: Any) -> str:
         return repr(value)
     if isinstance(value, str):
         return json.dumps(value)
-    if isinstance(value, list):
+    if isinstance(value, list | tuple):
         return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    if isinstance(value, dict):  # an inline table: [[rooms]] bands, sensor plausibility
+        return "{" + ", ".join(f"{_toml_key(k)} = {_toml_value(v)}"
+                               for k, v in value.items()) + "}"
     raise TypeError(f"cannot write {type(value).__name__} to TOML")
+
+
+def _toml_key(key: str) -> str:
+    return key if re.fullmatch(r"[A-Za-z0-9_-]+", key) else json.dumps(key)
 
 
 def write_toml(path: str | Path, sections: dict[str, Any]) -> None:
@@ -43,11 +51,11 @@ def write_toml(path: str | Path, sections: dict[str, Any]) -> None:
         if isinstance(body, list):
             for item in body:
                 out.append(f"[[{name}]]")
-                out += [f"{k} = {_toml_value(v)}" for k, v in item.items()]
+                out += [f"{_toml_key(k)} = {_toml_value(v)}" for k, v in item.items()]
                 out.append("")
         else:
             out.append(f"[{name}]")
-            out += [f"{k} = {_toml_value(v)}" for k, v in body.items()]
+            out += [f"{_toml_key(k)} = {_toml_value(v)}" for k, v in body.items()]
             out.append("")
     Path(path).write_text("\n".join(out), encoding="utf-8")
 
@@ -113,6 +121,7 @@ class LocalSite:
     tls: TlsFiles | None = None
     agent_overrides: dict[str, dict[str, Any]] = field(default_factory=dict)
     devices: list[dict[str, Any]] = field(default_factory=list)
+    rooms: list[dict[str, Any]] = field(default_factory=list)   # [[rooms]] (issue 5)
     broker: Broker | None = None
     hq: Proc | None = None
     agent: Proc | None = None
@@ -171,6 +180,8 @@ class LocalSite:
             sections[name] = {**sections.get(name, {}), **values}
         if self.devices:
             sections["devices"] = self.devices
+        if self.rooms:
+            sections["rooms"] = self.rooms
         write_toml(self.agent_config, sections)
         write_toml(self.hq_config, {
             "mqtt": self._mqtt(f"hq-{self.site_id}-{secrets.token_hex(3)}"),
@@ -202,10 +213,10 @@ class LocalSite:
             assert self.agent is not None
             if not self.agent.alive:
                 raise RuntimeError(f"edge-agent exited:\n{self.agent.log_tail()}")
-            with contextlib.suppress(urllib.error.URLError, OSError):
-                with urllib.request.urlopen(f"{self.api_url}/healthz", timeout=1) as r:  # noqa: S310
-                    if r.status == 200:
-                        return
+            with contextlib.suppress(urllib.error.URLError, OSError), \
+                    urllib.request.urlopen(f"{self.api_url}/healthz", timeout=1) as r:  # noqa: S310 - loopback http URL we built
+                if r.status == 200:
+                    return
             time.sleep(0.05)
         raise RuntimeError(f"edge-agent not ready in {timeout}s:\n"
                            f"{self.agent.log_tail() if self.agent else ''}")
@@ -229,11 +240,12 @@ class LocalSite:
                 headers: dict[str, str] | None = None,
                 timeout: float = 10.0) -> tuple[int, Any]:
         data = None if body is None else json.dumps(body).encode()
-        req = urllib.request.Request(f"{self.api_url}{path}", data=data, method=method, headers={
+        req = urllib.request.Request(f"{self.api_url}{path}", data=data,  # noqa: S310 - http
+                                     method=method, headers={
             "Authorization": f"Bearer {self.token}", "Content-Type": "application/json",
             **(headers or {})})
         try:
-            with urllib.request.urlopen(req, timeout=timeout) as r:  # noqa: S310 - loopback
+            with urllib.request.urlopen(req, timeout=timeout) as r:  # noqa: S310 - loopback http
                 raw = r.read()
                 status = r.status
         except urllib.error.HTTPError as err:

@@ -35,8 +35,8 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from agent.localbroker import free_port  # noqa: E402
-from agent.localsite import LocalSite, sample_sale  # noqa: E402
+from agent.localbroker import free_port
+from agent.localsite import LocalSite, sample_sale
 
 
 def _wait(predicate: Any, timeout: float, what: str) -> None:
@@ -211,7 +211,7 @@ def bench_latency(work: Path, rate: float, seconds: float) -> dict[str, Any]:
         site.stop()
     from agent.envelope import parse_iso
 
-    lat = sorted((received - parse_iso(ts)) * 1000 for ts, received in rows)
+    lat = sorted((parse_iso(received) - parse_iso(ts)) * 1000 for ts, received in rows)
     return {"events": len(lat), "rate_per_s": rate, "p50_ms": round(_pct(lat, 50), 2),
             "p99_ms": round(_pct(lat, 99), 2), "max_ms": round(lat[-1], 2),
             "note": "envelope ts (ms precision) to HQ received_at, same clock"}

@@ -94,5 +94,5 @@ def test_hq_config_ignores_agent_sections(tmp_path: Path) -> None:
     """The HQ receiver reads [mqtt] and [hq] and tolerates the agent's other sections."""
     cfg = load_hq_config(str(EXAMPLE))
     assert cfg.hq.store.startswith("sqlite:///")
-    with pytest.raises(ConfigError, match="hq.store"):
+    with pytest.raises(ConfigError, match=r"hq\.store"):
         load_hq_config(write(tmp_path, '[hq]\nstore = "mysql://x"\n'))

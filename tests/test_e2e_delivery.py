@@ -279,10 +279,10 @@ def test_hostile_requests_get_4xx_from_the_real_process(site: LocalSite) -> None
         headers = {"Content-Type": ctype}
         if token is not None:
             headers["Authorization"] = f"Bearer {token}"
-        req = urllib.request.Request(f"{site.api_url}{path}", data=body, headers=headers,
-                                     method="POST")
+        req = urllib.request.Request(f"{site.api_url}{path}", data=body,  # noqa: S310 - http
+                                     headers=headers, method="POST")
         try:
-            with urllib.request.urlopen(req, timeout=10) as r:  # noqa: S310 - loopback
+            with urllib.request.urlopen(req, timeout=10) as r:  # noqa: S310 - loopback http
                 return int(r.status)
         except urllib.error.HTTPError as err:
             return err.code
@@ -356,7 +356,7 @@ def test_sigterm_drains_and_exits_within_10s(site: LocalSite) -> None:
 
 
 def test_ready_and_stopping_reach_systemd(tmp_path: Path) -> None:
-    """With NOTIFY_SOCKET set, the daemon sends READY=1 once it listens and STOPPING=1 on SIGTERM."""
+    """With NOTIFY_SOCKET set, the daemon sends READY=1 once it listens, STOPPING=1 on SIGTERM."""
     import socket
 
     sock_path = str(tmp_path / "notify.sock")

@@ -168,9 +168,10 @@ def test_sysusers_creates_the_units_users_with_device_groups(tmp_path: Path) -> 
 
 
 def test_hq_unit_runs_the_receiver() -> None:
-    """edge-agent-hq.service runs `edge-agent hq` as Type=notify with its own state dir for hq.db."""
+    """edge-agent-hq.service runs `edge-agent hq` as Type=notify with its own state dir."""
     service = parse_unit(HQ_UNIT)["Service"]
-    assert service["Type"][-1] == "notify" and service["WatchdogSec"] == ["30"]
+    assert service["Type"][-1] == "notify"
+    assert service["WatchdogSec"] == ["30"]
     assert service["ExecStart"] == ["/usr/bin/edge-agent hq --config /etc/edge-agent-hq/hq.toml"]
     assert service["StateDirectory"] == ["edge-agent-hq"]  # sqlite:///var/lib/edge-agent-hq/hq.db
     assert words(service["RestrictAddressFamilies"]) == {"AF_UNIX", "AF_INET", "AF_INET6"}

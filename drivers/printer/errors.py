@@ -8,8 +8,10 @@ same facts are kept on attributes.
 
 from __future__ import annotations
 
+from drivers.errors import DriverError
 
-class PrinterError(Exception):
+
+class PrinterError(DriverError):
     """Root of every printer driver error."""
 
 

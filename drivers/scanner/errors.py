@@ -7,8 +7,10 @@ reader. Messages name the device and the next step; the facts are attributes.
 
 from __future__ import annotations
 
+from drivers.errors import DriverError
 
-class ScannerError(Exception):
+
+class ScannerError(DriverError):
     """Root of every scanner driver error."""
 
 

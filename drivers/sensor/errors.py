@@ -12,8 +12,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from drivers.errors import DriverError
 
-class SensorError(Exception):
+
+class SensorError(DriverError):
     """A sensor cannot be set up; ``device`` is its configured id (or the URL)."""
 
     def __init__(self, device: str, message: str) -> None:
