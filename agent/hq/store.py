@@ -75,8 +75,13 @@ class EventRow:
         return self.seq if self.seq_end is None else self.seq_end
 
 
+# SQLite's INTEGER range: a bigger number would raise OverflowError inside the
+# write and take the receiver down on a message the broker then redelivers forever.
+SEQ_LIMIT = 2**63 - 1
+
+
 def _int(value: object) -> TypeGuard[int]:
-    return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, int) and not isinstance(value, bool) and value <= SEQ_LIMIT
 
 
 def parse_time(value: str) -> datetime:
@@ -113,7 +118,7 @@ def event_row(env: Mapping[str, Any], payload: str | None = None) -> EventRow:
         raise ValueError(f"envelope field 'kind' must match [a-z][a-z0-9_-]{{0,31}}, "
                          f"got {kind!r:.80}")
     if not _int(seq) or seq < 1:
-        raise ValueError(f"envelope field 'seq' must be an integer >= 1, got {seq!r:.40}")
+        raise ValueError(f"envelope field 'seq' must be an integer 1..2**63-1, got {seq!r:.40}")
     if not isinstance(event_id, str) or not event_id:
         raise ValueError("envelope field 'id' must be a non-empty string")
     if not isinstance(ts, str):
@@ -299,6 +304,16 @@ class SqliteStore:
                     " payload) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
                     (row.site, row.kind, row.seq, row.seq_end, row.id, row.ts, now, row.payload))
                 if cur.rowcount:
+                    stored += 1
+                elif row.seq_end is not None and conn.execute(
+                        "UPDATE events SET seq_end = ?, id = ?, ts = ?, payload = ? "
+                        "WHERE site = ? AND kind = ? AND seq = ? AND COALESCE(seq_end, seq) < ?",
+                        (row.seq_end, row.id, row.ts, row.payload, row.site, row.kind, row.seq,
+                         row.seq_end)).rowcount:
+                    # An aggregate whose first seq arrived raw before (published,
+                    # then thinned after an agent crash): keeping the raw row would
+                    # drop the coverage of seq+1..seq_end, and the watermark could
+                    # never pass it. The aggregate summarises that reading too.
                     stored += 1
                 else:
                     dups += 1

@@ -69,22 +69,33 @@ class Outbox:
         """
         if self._writer is not None or self._closed:
             raise OutboxError(f"outbox {self.path} is already open or was closed")
-        try:
-            os.makedirs(self.path, exist_ok=True)
-            marks = SeqMarks.load(self.path)
-            recovered = recover(self.path, marks)
-        except (OSError, sqlite3.Error) as exc:
-            if is_disk_full(exc, self.path):
-                raise DiskFull(self.path) from exc
-            raise OutboxError(f"outbox {self.path} cannot be opened: {exc}") from exc
+        ballast_released = False
+        while True:
+            try:
+                os.makedirs(self.path, exist_ok=True)
+                marks = SeqMarks.load(self.path)
+                recovered = recover(self.path, marks)
+                break
+            except (OSError, sqlite3.Error) as exc:
+                if not is_disk_full(exc, self.path):
+                    raise OutboxError(f"outbox {self.path} cannot be opened: {exc}") from exc
+                # Even opening writes (WAL, -shm, settings): on a full disk the
+                # ballast's room lets the daemon start and drain, which is what
+                # frees space. New events stay refused until the ballast fits again.
+                if ballast_released or not self._ballast.release():
+                    raise DiskFull(self.path) from exc
+                ballast_released = True
         self._corrupt.extend(recovered.reports)
         self.counters["corrupt_moved"] += len(recovered.reports)
-        self._ballast.ensure()
+        if not ballast_released:
+            self._ballast.ensure()
         self._writer = Writer(recovered, path=self.path, site=self.site,
                               max_bytes=self.max_bytes, max_batch=self.max_batch,
                               clock=self._clock, ballast=self._ballast, marks=marks,
                               requests=self._queue, listeners=self._listeners,
                               counters=self.counters)
+        if ballast_released:
+            self._writer.ballast_released_at_open()
         self._thread = threading.Thread(target=self._writer.run, name="outbox-writer",
                                         daemon=True)
         self._thread.start()
@@ -175,7 +186,7 @@ class Outbox:
         seen by the next :meth:`read` (else raw readings could go out while
         the aggregate replacing them is never sent).
         """
-        if kind in KINDS and self._writer is not None:
+        if kind in KINDS and self._writer is not None and not self._closed:
             self._writer.mark_published(kind, seq)
 
     # -- status ------------------------------------------------------------

@@ -34,6 +34,7 @@ from agent.outbox.store import (
     check_database,
     db_files,
     fsync_dir,
+    is_corruption,
     is_disk_full,
     kind_range,
     open_cache,
@@ -76,7 +77,7 @@ def recover(path: str, marks: SeqMarks) -> Recovered:
     try:
         cache = open_cache(path)
     except sqlite3.DatabaseError as exc:
-        if is_disk_full(exc, path):
+        if is_disk_full(exc, path) or not is_corruption(exc):
             raise
         reports.append(set_aside(path, f"sqlite: {exc}"))
         cache = open_cache(path)

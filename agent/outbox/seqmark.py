@@ -5,9 +5,14 @@ seq must never be used twice (CONTRACT 4). So seqs are reserved in blocks: the
 file is written atomically and fsynced *before* any seq beyond the reservation
 is committed, and after a reset each kind continues past its reservation.
 
-The file also remembers, lazily, how far HQ has acknowledged and how far the
-uplink has published: after a reset the range ``[acked + 1, reserved]`` is what
-may have been lost (a stale, lower ``acked`` only widens that range).
+The file also remembers, lazily, how far HQ has acknowledged: after a reset
+the range ``[acked + 1, reserved]`` is what may have been lost (a stale, lower
+``acked`` only widens that range). How far the uplink may have published a
+thinned kind is reserved ahead, durably, like seqs (:meth:`SeqMarks.reserve_published`):
+after a kill -9 thinning must not fold readings that already went to MQTT.
+
+The writer thread and the uplink thread (through ``mark_published``) both
+write the file, so every write and every change to the marks holds one lock.
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import threading
 import time
 from dataclasses import dataclass, field
 
@@ -28,6 +34,9 @@ SEQ_BLOCK = 1000
 # slow card, is paid about once a second rather than every 1000 events.
 SEQ_BLOCK_MAX = 64 * SEQ_BLOCK
 FAST_RESERVE_S = 1.0
+# A published mark is saved this far ahead, so a reading handed to MQTT costs a
+# durable write about once per block rather than once per uplink read.
+PUBLISHED_AHEAD = SEQ_BLOCK
 
 
 @dataclass
@@ -38,6 +47,7 @@ class SeqMarks:
     published: dict[str, int] = field(default_factory=dict)
     _block: dict[str, int] = field(default_factory=dict)
     _last_reserve: dict[str, float] = field(default_factory=dict)
+    _lock: threading.RLock = field(default_factory=threading.RLock, repr=False, compare=False)
 
     @property
     def path(self) -> str:
@@ -83,12 +93,44 @@ class SeqMarks:
 
     def commit_reservation(self, reserved: dict[str, int]) -> None:
         """Durably write ``reserved``; only then are the seqs in it usable."""
-        self._write(reserved, durable=True)
-        self.reserved = reserved
+        with self._lock:
+            self._write(reserved, durable=True)
+            self.reserved = reserved
 
     def save_lazily(self) -> None:
         """Write the acked/published marks (best effort: they only narrow a range)."""
-        self._write(self.reserved, durable=False)
+        with self._lock:
+            self._write(self.reserved, durable=False)
+
+    def note_acked(self, kind: str, seq: int) -> None:
+        with self._lock:
+            self.acked[kind] = max(self.acked.get(kind, 0), seq)
+
+    def note_published(self, published: dict[str, int]) -> None:
+        """Raise the published marks to ``published`` (never lowers one reserved ahead)."""
+        with self._lock:
+            for kind, seq in published.items():
+                if seq > self.published.get(kind, 0):
+                    self.published[kind] = seq
+
+    def settle_published(self, published: dict[str, int]) -> None:
+        """At a clean close: the exact marks (nothing is published after it)."""
+        with self._lock:
+            self.published.update(published)
+
+    def reserve_published(self, kind: str, seq: int) -> None:
+        """Make sure the file says ``kind`` may be published up to ``seq`` before
+        it is: durably, ``PUBLISHED_AHEAD`` beyond, so most calls write nothing."""
+        with self._lock:
+            if seq <= self.published.get(kind, 0):
+                return
+            before = self.published.get(kind, 0)
+            self.published[kind] = seq + PUBLISHED_AHEAD
+            try:
+                self._write(self.reserved, durable=True)
+            except BaseException:
+                self.published[kind] = before
+                raise
 
     def _write(self, reserved: dict[str, int], durable: bool) -> None:
         kinds = set(reserved) | set(self.acked) | set(self.published)

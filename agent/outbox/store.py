@@ -151,6 +151,14 @@ def is_disk_full(exc: BaseException, path: str) -> bool:
     return False
 
 
+def is_corruption(exc: BaseException) -> bool:
+    """Whether SQLite says the file itself is damaged (not a full disk, a lock,
+    permissions or a failed read: moving a healthy outbox aside for one of
+    those would take every pending event out of delivery)."""
+    code = getattr(exc, "sqlite_errorcode", 0) & 0xFF
+    return code in (sqlite3.SQLITE_CORRUPT, sqlite3.SQLITE_NOTADB)
+
+
 def ts_at(con: sqlite3.Connection, key: str) -> float | None:
     """The accepted time (envelope ``ts``, epoch seconds) of the event at ``key``."""
     row = con.execute("SELECT value FROM Cache WHERE key = ? AND raw = 1", (key,)).fetchone()
@@ -174,6 +182,7 @@ def check_database(db_path: str) -> tuple[str | None, bool]:
     ``problem`` is why SQLite cannot be trusted with the file (None when
     ``PRAGMA quick_check`` is ok); ``has_marker`` says whether this outbox
     created it (a file truncated to nothing passes quick_check but is empty).
+    An error that is not damage to the file (a full disk, a lock) is raised.
     """
     con: sqlite3.Connection | None = None
     try:
@@ -189,6 +198,8 @@ def check_database(db_path: str) -> tuple[str | None, bool]:
             return None, False
         return None, bool(found)
     except sqlite3.DatabaseError as exc:
+        if not is_corruption(exc):
+            raise
         return f"sqlite: {exc}", False
     finally:
         if con is not None:

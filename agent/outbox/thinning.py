@@ -40,6 +40,11 @@ class MinuteRun:
         self.first_seq = seq
         self.last_seq = seq - 1
         self.first_ts: str = envelope["ts"]
+        # The first reading after a corrupt-outbox reset declares the seqs that may
+        # have been lost; the aggregate replacing it must declare them too, or
+        # HQ's watermark never passes them.
+        lost = envelope.get("lost")
+        self.lost: list[int] | None = list(lost) if isinstance(lost, list) else None
         self.count = 0
         self.bytes = 0
         self.sources: set[str] = set()
@@ -49,7 +54,8 @@ class MinuteRun:
 
     def continues(self, seq: int, envelope: dict[str, Any]) -> bool:
         """Whether the reading at ``seq`` extends this run (next seq, same minute)."""
-        return seq == self.last_seq + 1 and minute_of(envelope["ts"]) == self.minute
+        return (seq == self.last_seq + 1 and minute_of(envelope["ts"]) == self.minute
+                and "lost" not in envelope)
 
     def add(self, seq: int, envelope: dict[str, Any], size: int) -> None:
         self.last_seq = seq

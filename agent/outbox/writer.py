@@ -47,6 +47,7 @@ from agent.outbox.thinning import MinuteRun, scan_runs
 log = logging.getLogger(__name__)
 
 NEVER_DROPPED = frozenset({"sale", "plant", "scan"})
+THINNED_KINDS = frozenset({"sensor"})
 # May go a little over max_bytes, so the alarm saying "outbox full" can be written.
 HEADROOM_KINDS = frozenset({"alarm", "device", "print"})
 HEADROOM_FRACTION = 0.01
@@ -146,6 +147,7 @@ class Writer:
         self._lost: dict[str, tuple[int, int]] = recovered.lost
         self._published: dict[str, int] = recovered.published
         self._publish_lock = threading.Lock()
+        self._published_unsaved = False  # the last durable save of a published mark failed
         self._thinning = False  # this thread holds _publish_lock for the transaction
         self._thin_cursor = 0
         self._thin_exhausted: tuple[int, int] | None = None
@@ -156,10 +158,31 @@ class Writer:
         self.disk_full_since: float | None = None
         self._publish_stats()
 
+    def ballast_released_at_open(self) -> None:
+        """The outbox opened on a full disk with the ballast's room: appends
+        wait until it can be put back (acks delete meanwhile)."""
+        self._ballast_released = True
+        self.disk_full_since = self._clock()
+
     def mark_published(self, kind: str, seq: int) -> None:
-        """See :meth:`Outbox.mark_published`: waits out an open thinning transaction."""
+        """See :meth:`Outbox.mark_published`: waits out an open thinning transaction.
+
+        For the thinned kind the mark is on disk before this returns: after a
+        kill -9 a lazily saved mark would be behind what went out, and thinning
+        would fold readings HQ may already hold part of (its ack could then
+        delete an aggregate covering seqs it never got).
+        """
         with self._publish_lock:
             if seq > self._published.get(kind, 0):
+                if kind in THINNED_KINDS:
+                    try:
+                        self._marks.reserve_published(kind, seq)
+                        self._published_unsaved = False
+                    except OSError as exc:  # a full disk must not stop the drain
+                        (log.debug if self._published_unsaved else log.warning)(
+                            "outbox %s: could not save the published mark of %s (%s); a "
+                            "crash now could thin published readings", self.path, kind, exc)
+                        self._published_unsaved = True
                 self._published[kind] = seq
 
     def run(self) -> None:
@@ -208,14 +231,23 @@ class Writer:
             if expire:
                 self.cache.expire()  # Idempotency-Key answers older than 24 h
             if save_marks:
-                self._marks.published.update(self._published)
+                self._marks.note_published(self._published)
                 self._marks.save_lazily()
         except (OSError, sqlite3.Error) as exc:
             log.debug("outbox maintenance deferred: %s", exc)
-        if self._ballast_released or not self._ballast.present:
-            self._restore_ballast()
+        if ((self._ballast_released or not self._ballast.present)
+                and self._restore_ballast() and self.disk_full_since is not None
+                and self._ballast.size > 0 and free_bytes(self.path) > self._ballast.size):
+            log.info("outbox %s: disk space is back", self.path)
+            self.disk_full_since = None
 
     def _finish(self) -> None:
+        try:
+            # A clean close: the exact marks replace those reserved ahead.
+            self._marks.settle_published(self._published)
+            self._marks.save_lazily()
+        except OSError as exc:
+            log.debug("outbox final seqmark save skipped: %s", exc)
         try:
             # An empty WAL lets the read-only CLI open the file without creating any.
             self.cache._con.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
@@ -427,7 +459,7 @@ class Writer:
             seq=run.first_seq,
             ts=run.first_ts, source=run.source(),
             data_json=json.dumps(run.data(), separators=(",", ":")),
-            extra={"seq_end": run.last_seq})
+            extra={"seq_end": run.last_seq, **({"lost": run.lost} if run.lost else {})})
         saved = run.bytes - len(envelope)
         if saved <= 0:
             return 0
@@ -528,7 +560,7 @@ class Writer:
         for kind, state in states.items():
             self.total += state.bytes - self._kinds[kind].bytes
             self._kinds[kind] = state
-            self._marks.acked[kind] = state.acked
+            self._marks.note_acked(kind, state.acked)
         self.counters["acked"] += sum(deleted.values())
         if self.full_since is not None and self.total <= self.max_bytes * (1 - FULL_CLEAR):
             log.info("outbox %s: below max_bytes again (%d of %d bytes)", self.path,
