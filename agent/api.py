@@ -32,18 +32,21 @@ import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
-from fastapi import Depends, FastAPI, Request, Security
+from fastapi import Depends, FastAPI, Request, Security, WebSocketException
 from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.utils import get_openapi
-from fastapi.responses import HTMLResponse, JSONResponse, Response
+from fastapi.responses import JSONResponse, Response
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel, Field
 from pydantic.json_schema import models_json_schema
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import HTTPConnection
 from starlette.routing import Match
+from starlette.status import WS_1008_POLICY_VIOLATION
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from agent import __version__, schemas
@@ -51,6 +54,7 @@ from agent.auth import Tokens
 from agent.config import KINDS, AgentConfig
 from agent.errors import DiskFull, EventTooLarge, OutboxError, OutboxFull
 from agent.metrics import ApiMetrics
+from agent.sessions import COOKIE_NAME, SessionStore, needs_origin_check, same_origin
 from agent.status import build_status
 
 if TYPE_CHECKING:
@@ -245,6 +249,11 @@ class RequestAccounting:
         self.routes = routes
 
     def _route(self, scope: Scope) -> str:
+        # Routing stores the matched route in the (shared) scope; this also finds
+        # routes of included routers, which FastAPI wraps without a ``path``.
+        path = getattr(scope.get("route"), "path", None)
+        if isinstance(path, str):
+            return path
         for route in self.routes():
             match, _ = route.matches(scope)
             if match is not Match.NONE:
@@ -255,7 +264,7 @@ class RequestAccounting:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        route = self._route(scope)
+        route = "unmatched"
         status = 0
 
         async def counting_send(message: Message) -> None:
@@ -267,6 +276,7 @@ class RequestAccounting:
         try:
             await self.app(scope, receive, counting_send)
         except Exception:
+            route = self._route(scope)
             log.exception("api: unexpected error answering %s %s", scope.get("method"), route)
             if not status:
                 status = 500
@@ -278,6 +288,7 @@ class RequestAccounting:
                     (b"content-length", str(len(body)).encode())]})
                 await send({"type": "http.response.body", "body": body})
         finally:
+            route = self._route(scope)
             self.metrics.http_requests.labels(route, str(status or 499)).inc()
 
 
@@ -413,11 +424,33 @@ _bearer = HTTPBearer(auto_error=False, description="a token of api.tokens_file")
 
 
 async def authenticated_caller(
-        request: Request,
+        request: HTTPConnection,
         creds: Annotated[HTTPAuthorizationCredentials | None, Security(_bearer)]) -> str:
-    """The name of the caller's token, or a 401 that says how to authenticate."""
+    """The name of the caller's token, or a 401 that says how to authenticate.
+
+    A bearer token (POS, CLI, HQ tools) or the site page's session cookie
+    (agent/sessions.py). Typed HTTPConnection so WebSocket routes use it too.
+    A cookie is sent by the browser whoever made the page, so a request that
+    changes something and carries only the cookie must come from this very
+    origin (403 otherwise): that is the CSRF guard.
+    """
+    try:
+        return _caller(request, creds)
+    except ApiProblem as problem:
+        if request.scope["type"] != "websocket":
+            raise
+        # A WebSocket cannot carry the JSON error: refuse the handshake with a
+        # policy-violation close whose reason is the same message.
+        raise WebSocketException(WS_1008_POLICY_VIOLATION,
+                                 problem.message[:120]) from None
+
+
+def _caller(request: HTTPConnection, creds: HTTPAuthorizationCredentials | None) -> str:
     ctx: ApiContext = request.app.state.ctx
     if creds is None:
+        cookie = request.cookies.get(COOKIE_NAME)
+        if cookie:
+            return _cookie_caller(request, cookie)
         if "authorization" in request.headers:
             message = "Authorization: must be 'Bearer <token>'"
         else:
@@ -433,6 +466,28 @@ async def authenticated_caller(
                          headers={"WWW-Authenticate":
                                   'Bearer realm="edge-agent", error="invalid_token"'})
     return name
+
+
+def _cookie_caller(request: HTTPConnection, cookie: str) -> str:
+    ctx: ApiContext = request.app.state.ctx
+    sessions: SessionStore = request.app.state.sessions
+    session = sessions.lookup(cookie)
+    # A session outlives nothing: its token's name must still be in the tokens file.
+    if session is None or session.name not in ctx.tokens.names:
+        raise ApiProblem(401, "session: expired or signed out; sign in again with a token",
+                         "session", reason="unauthenticated",
+                         headers={"WWW-Authenticate": 'Bearer realm="edge-agent"'})
+    if needs_origin_check(request):
+        ok, why = same_origin(request)
+        if not ok:
+            client = request.client.host if request.client else "?"
+            log.warning("api: refused a cross-origin %s %s from %s by session %s (%s)",
+                        request.scope.get("method", "WebSocket"), request.url.path, client,
+                        session.name, why)
+            raise ApiProblem(403, f"{why}; a signed-in page may only change things from the "
+                                  "agent's own page", why.split(":", 1)[0],
+                             reason="cross_origin")
+    return session.name
 
 
 Caller = Annotated[str, Depends(authenticated_caller)]
@@ -491,13 +546,6 @@ def _event_body_schema() -> dict[str, Any]:
 # -- the app ----------------------------------------------------------------------------
 
 
-PLACEHOLDER_PAGE = """<!doctype html>
-<html lang="en"><head><meta charset="utf-8"><title>edge-agent</title></head>
-<body><h1>edge-agent {version}</h1><p>Site {site}. The site page is not built yet; see
-<code>/v1/status</code>.</p></body></html>
-"""
-
-
 def create_app(ctx: ApiContext) -> FastAPI:
     """The API over ``ctx``; uvicorn (the daemon) or TestClient (tests) serves it."""
     app = FastAPI(title="edge-agent", version=__version__,
@@ -508,6 +556,9 @@ def create_app(ctx: ApiContext) -> FastAPI:
     metrics = ApiMetrics(ctx.outbox, ctx.uplink_snapshot, ctx.clock)
     app.state.ctx = ctx
     app.state.metrics = metrics
+    # Beside the outbox, in the daemon's state directory (as the services' state_dir).
+    app.state.sessions = SessionStore(Path(ctx.cfg.outbox.path).parent / "sessions.json",
+                                      clock=ctx.clock)
     # add_middleware puts the last one outermost: accounting sees every answer,
     # the 413s of BodyLimit included.
     app.add_middleware(BodyLimit, max_bytes=ctx.max_body_bytes)
@@ -555,10 +606,6 @@ def create_app(ctx: ApiContext) -> FastAPI:
     @app.get("/openapi.json", include_in_schema=False)
     async def openapi(_: Caller) -> JSONResponse:
         return JSONResponse(app.openapi())
-
-    @app.get("/", include_in_schema=False)
-    async def index(_: Caller) -> HTMLResponse:
-        return HTMLResponse(PLACEHOLDER_PAGE.format(version=__version__, site=ctx.cfg.site.id))
 
     @app.post("/v1/events/{kind}", status_code=202, response_model=EventAccepted,
               responses=_errors(400, 401, 404, 413, 415, 422, 503, 507),
@@ -638,6 +685,11 @@ def create_app(ctx: ApiContext) -> FastAPI:
         return app.openapi_schema
 
     app.openapi = _openapi  # type: ignore[method-assign]
+    # The site page (GET /, /static, sign-in, the live status stream); imported
+    # here because agent/page.py builds on this module's Caller and ApiProblem.
+    from agent.page import install_page
+
+    install_page(app, ctx)
     # Device families add their routes (authenticated with the same Caller
     # dependency) and their metrics to this app's registry.
     for service in ctx.services:

@@ -55,6 +55,21 @@ def _parser() -> argparse.ArgumentParser:
     report.add_argument("--site", help="only this site")
     report.add_argument("--since", help="only events since this date (ISO 8601)")
     report.add_argument("--json", action="store_true")
+
+    preview = sub.add_parser("print-preview", parents=[common],
+                             help="render a receipt or label to a PNG file, printing nothing")
+    doc = preview.add_mutually_exclusive_group(required=True)
+    doc.add_argument("--sale", metavar="FILE", help="a sale JSON file (the event's data)")
+    doc.add_argument("--label", metavar="FILE", help="a label JSON file (the API's label body)")
+    preview.add_argument("--printer", help="use this [[devices]] printer's options "
+                         "(paper width, label size, DPI, header and warning text)")
+    preview.add_argument("--output", "-o", help="PNG to write (default: FILE with .png)")
+
+    devices = sub.add_parser("devices", parents=[common],
+                             help="configured devices and network printers found over mDNS")
+    devices.add_argument("--seconds", type=float, default=3.0,
+                         help="how long to listen for printers (default 3)")
+    devices.add_argument("--json", action="store_true")
     return parser
 
 
@@ -69,13 +84,17 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "run":
             from agent.daemon import run
 
-            return run(load_agent_config(path))
+            return run(validated_config(path))
         if args.command == "status":
             return _status(load_agent_config(path), args.json)
         if args.command == "outbox":
             return _outbox(load_agent_config(path), args)
         if args.command == "hq":
             return _hq(path, args)
+        if args.command == "print-preview":
+            return _print_preview(path, args)
+        if args.command == "devices":
+            return _devices(load_agent_config(path), args)
     except ConfigError as exc:
         print(exc, file=sys.stderr)
         return EXIT_CONFIG
@@ -87,27 +106,37 @@ def main(argv: list[str] | None = None) -> int:
     return EXIT_CONFIG
 
 
-def _check_config(path: str) -> int:
-    cfg = load_agent_config(path)
-    problems = []
-    from agent.auth import Tokens
+def validated_config(path: str) -> AgentConfig:
+    """Load ``path`` and check everything ``run`` depends on, as one list of issues.
 
-    try:
-        Tokens.load(cfg.api.tokens_file)
-    except AgentError as exc:
-        problems.append(f"api.tokens_file: {exc}")
+    ``check-config`` and ``run`` share it, so the daemon refuses to start on
+    exactly the messages ``check-config`` prints (exit 2 either way).
+    """
+    from agent.auth import Tokens
+    from agent.errors import ConfigIssue
     from agent.services import config_issues
 
-    problems.extend(str(issue) for issue in config_issues(cfg))
+    cfg = load_agent_config(path)
+    issues: list[ConfigIssue] = []
+    try:
+        Tokens.load(cfg.api.tokens_file)
+    except ConfigError as exc:
+        issues.extend(ConfigIssue(f"api.tokens_file{'.' + i.path if i.path else ''}", i.message)
+                      for i in exc.issues)
+    except AgentError as exc:
+        issues.append(ConfigIssue("api.tokens_file", str(exc)))
+    issues.extend(config_issues(cfg))
     for key in ("ca_file", "cert_file", "key_file", "password_file"):
         value = getattr(cfg.mqtt, key)
         if value and not _readable(value):
-            problems.append(f"mqtt.{key}: cannot read {value}")
-    if problems:
-        print(f"invalid config {path}:", file=sys.stderr)
-        for problem in problems:
-            print(f"  {problem}", file=sys.stderr)
-        return EXIT_CONFIG
+            issues.append(ConfigIssue(f"mqtt.{key}", f"cannot read {value}"))
+    if issues:
+        raise ConfigError(path, issues)
+    return cfg
+
+
+def _check_config(path: str) -> int:
+    cfg = validated_config(path)
     print(f"{path}: valid (site {cfg.site.id}, {len(cfg.devices)} devices)")
     return EXIT_OK
 
@@ -236,6 +265,21 @@ def _hq(path: str, args: argparse.Namespace) -> int:
     stop.set()
     worker.join(10)
     return EXIT_OK
+
+
+def _print_preview(path: str, args: argparse.Namespace) -> int:
+    from agent.printing import preview_main
+
+    kind = "receipt" if args.sale else "label"
+    return preview_main(lambda: load_agent_config(path), kind, args.sale or args.label,
+                        args.printer, args.output)
+
+
+def _devices(cfg: AgentConfig, args: argparse.Namespace) -> int:
+    from agent.discovery import devices_main
+
+    configured = [d.model_dump(include={"id", "type", "url", "enabled"}) for d in cfg.devices]
+    return devices_main(configured, cfg.api.advertise_interfaces, args.seconds, args.json)
 
 
 if __name__ == "__main__":

@@ -15,6 +15,7 @@ import threading
 from collections import OrderedDict
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from contextvars import ContextVar
 from typing import Any
 
 from agent.errors import AgentError
@@ -25,6 +26,10 @@ Handler = Callable[[dict[str, Any]], Any]
 MAX_ID_LEN = 200
 REMEMBERED_IDS = 10_000
 MAX_PAYLOAD = 256 * 1024
+# The id of the command a handler runs for. Handlers take only ``args``; the
+# few that need the id (a print job keyed by it, so a resend cannot print
+# twice) read it here.
+current_command_id: ContextVar[str | None] = ContextVar("current_command_id", default=None)
 
 
 class CommandRouter:
@@ -70,6 +75,7 @@ class CommandRouter:
         self._pool.submit(self._run, command_id, name, handler, args)
 
     def _run(self, command_id: str, name: str, handler: Handler, args: dict[str, Any]) -> None:
+        token = current_command_id.set(command_id)
         try:
             result = handler(args)
         except AgentError as exc:
@@ -79,6 +85,8 @@ class CommandRouter:
             self._finish(command_id, None, f"internal error in {name}: {type(exc).__name__}")
         else:
             self._finish(command_id, result, None)
+        finally:
+            current_command_id.reset(token)
 
     def _finish(self, command_id: str, result: Any, error: str | None) -> None:
         answer = {"id": command_id, "ok": error is None, "result": result, "error": error}

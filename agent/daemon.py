@@ -21,12 +21,14 @@ from typing import Any
 import uvicorn
 
 from agent import __version__, sdnotify
+from agent.advertise import Advertiser
 from agent.api import ApiContext, create_app
 from agent.auth import Tokens
 from agent.commands import CommandRouter
 from agent.config import AgentConfig
 from agent.errors import AgentError, OutboxCorrupt, OutboxError
 from agent.outbox import Outbox
+from agent.page import close_streams
 from agent.services import Service, ServiceContext, all_devices, build_services
 from agent.status import build_status
 from agent.uplink import Uplink
@@ -52,6 +54,14 @@ class Conditions:
         self._outbox = outbox
         self._open: dict[str, dict[str, Any]] = {}
         self._pending: list[dict[str, Any]] = []
+        # Refusals seen so far: a refusal between two polls raises the alarm even
+        # when HQ drained the outbox before the poll saw the state.
+        self._refused = self._refusals()
+
+    def _refusals(self) -> dict[str, int]:
+        counters = self._outbox.counters
+        return {"outbox_full": counters.get("refused_full", 0),
+                "disk_full": counters.get("refused_disk", 0)}
 
     def report_corrupt(self, report: OutboxCorrupt) -> None:
         self._pending.append({"code": "outbox_corrupt", "severity": "critical",
@@ -60,19 +70,21 @@ class Conditions:
 
     async def poll(self) -> None:
         state = self._outbox.state
+        refused, self._refused = self._refused, self._refusals()
         for code, active, message in (
             ("outbox_full", state == "full",
              "outbox at max_bytes: sale, plant and scan events are refused until HQ catches up"),
             ("disk_full", state == "disk_full",
              "the disk under the outbox is full: events are refused"),
         ):
-            if active and code not in self._open:
+            refused_since = self._refused[code] > refused[code]
+            if (active or refused_since) and code not in self._open:
                 alarm = {"code": code, "severity": "critical", "state": "raised",
                          "message": message}
                 self._open[code] = alarm
                 log.error("%s", message)
                 self._pending.append(alarm)
-            elif not active and code in self._open:
+            elif not active and not refused_since and code in self._open:
                 del self._open[code]
                 log.info("%s cleared", code)
                 self._pending.append({"code": code, "severity": "info", "state": "cleared",
@@ -127,7 +139,8 @@ async def serve(cfg: AgentConfig) -> int:
                     on_command=router.dispatch)
     uplink.start()
 
-    server = _Server(uvicorn.Config(create_app(ctx), host=cfg.api.bind, port=cfg.api.port,
+    app = create_app(ctx)
+    server = _Server(uvicorn.Config(app, host=cfg.api.bind, port=cfg.api.port,
                                     log_level="warning", access_log=False, lifespan="on",
                                     timeout_graceful_shutdown=3))
     server_task = asyncio.create_task(server.serve(), name="api")
@@ -142,6 +155,10 @@ async def serve(cfg: AgentConfig) -> int:
     sdnotify.notify(f"STATUS=listening on {cfg.api.bind}:{cfg.api.port}")
     log.info("edge-agent %s for site %s: API on %s:%d, outbox %s", __version__, cfg.site.id,
              cfg.api.bind, cfg.api.port, cfg.outbox.path)
+    # mDNS in its own thread: registration probes the LAN for a second or two.
+    advertiser = Advertiser(cfg) if cfg.api.advertise else None
+    if advertiser is not None:
+        advertiser.start()
 
     watchdog = sdnotify.watchdog_interval()
     next_ping = 0.0
@@ -162,7 +179,10 @@ async def serve(cfg: AgentConfig) -> int:
 
     sdnotify.notify("STOPPING=1")
     log.info("stopping: draining in-flight requests")
+    close_streams(app)  # open site pages would otherwise hold the server's graceful stop
     server.should_exit = True
+    if advertiser is not None:
+        await asyncio.to_thread(advertiser.stop)  # goodbye packets, while the API drains
     with contextlib.suppress(TimeoutError, asyncio.CancelledError):
         await asyncio.wait_for(server_task, SHUTDOWN_BUDGET_S / 2)
     await conditions.poll()

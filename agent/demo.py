@@ -14,8 +14,11 @@ import shutil
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
+from agent.hqcommand import send_command
 from agent.localsite import LocalSite, sample_sale
+from drivers.scanner import SIM_KNOWN_TAGS
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -29,7 +32,7 @@ def main(argv: list[str] | None = None) -> int:
 
     workdir = Path(args.dir).resolve()
     shutil.rmtree(workdir, ignore_errors=True)
-    site = LocalSite(workdir)
+    site = LocalSite(workdir, devices=demo_devices(workdir), rooms=DEMO_ROOMS)
     print(f"starting a private mosquitto, the HQ receiver and edge-agent under {workdir} ...")
     try:
         site.start()
@@ -38,10 +41,14 @@ def main(argv: list[str] | None = None) -> int:
         site.stop()
         return 1
     assert site.broker is not None
+    # HQ's side of the package catalog: the simulated scanner's known tags.
+    send_command("127.0.0.1", site.broker.port, f"edge/{site.site_id}", "catalog-put",
+                 {"tags": list(SIM_KNOWN_TAGS), "replace": True}, command_id="demo-catalog-seed")
     print(f"  broker      mqtt://127.0.0.1:{site.broker.port} (private, stopped on exit)")
     print(f"  site page   {site.api_url}/   (token: {site.token})")
     print(f"  status      edge-agent status --config {site.agent_config}")
     print(f"  HQ report   edge-agent hq report --config {site.hq_config}")
+    print(f"  prints      {workdir / 'prints'} (ESC/POS and ZPL bytes, PNG previews)")
     print("posting sample sales as POS 'cli'; Ctrl-C to stop\n")
     started = time.monotonic()
     accepted = 0
@@ -55,6 +62,10 @@ def main(argv: list[str] | None = None) -> int:
                                         headers={"Idempotency-Key": f"demo-{n}"})
             if status == 202:
                 accepted += 1
+                # Every sale gets its receipt; every fifth package a label.
+                site.request("POST", "/v1/print/receipt", {"sale": sample_sale(n)})
+                if n % 5 == 1:
+                    site.request("POST", "/v1/print/label", demo_label(n))
             else:
                 print(f"  sale {n} refused: {status} {body}")
             if time.monotonic() >= next_print:
@@ -74,6 +85,53 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     finally:
         site.stop()
+
+
+WARNING_RECEIPT = ("There may be health risks associated with the consumption of this product. "
+                   "Keep out of the reach of children.")
+WARNING_LABEL = ("WARNING: This product contains cannabis. Keep out of the reach of children and "
+                 "animals. For use only by adults 21 and older.")
+
+DEMO_ROOMS: list[dict[str, Any]] = [
+    {"name": "Flower 2", "stage": "flower", "lights_on": "06:00", "lights_off": "18:00",
+     "leaf_temp_offset_c": -2.0, "alarm_delay_s": 300,
+     "bands": {"co2_ppm": {"on": [800, 1500], "off": {"high": 1200}}}},
+    {"name": "Veg 1", "stage": "veg", "leaf_temp_offset_c": -1.5},
+]
+
+
+def demo_devices(workdir: Path) -> list[dict[str, Any]]:
+    """Simulated hardware: printers writing files and PNG previews, a climate per room."""
+    prints = workdir / "prints"
+    tz = "tz=America/Denver"
+    return [
+        # Every 2 s a realistic read: known and unknown tags, a Retail ID, a GTIN, a
+        # garbled read; every 90 s it "unplugs" for 5 s to show the hot-plug alarm.
+        {"id": "counter-1-scanner", "type": "scanner",
+         "url": "sim://scanner?interval_ms=2000&seed=7&vanish_every_s=90&vanish_for_s=5"},
+        {"id": "counter-1-receipt", "type": "receipt_printer", "url": "sim://receipt",
+         "address": ["1600 Champa St", "Denver, CO 80202"], "licence_number": "402R-00123",
+         "warning": WARNING_RECEIPT, "drawer_kick": True,
+         "preview_dir": str(prints / "receipts")},
+        {"id": "packaging-zebra", "type": "label_printer", "url": "sim://label", "width": 4,
+         "height": 3, "size_unit": "in", "dpi": 203, "licence_number": "402R-00123",
+         "warning": WARNING_LABEL, "preview_dir": str(prints / "labels")},
+        {"id": "flower-2-climate", "type": "sensor", "model": "sim", "room": "Flower 2",
+         "url": f"sim://climate?seed=1&{tz}", "interval_s": 5},
+        {"id": "flower-2-co2", "type": "sensor", "model": "sim", "room": "Flower 2",
+         "url": f"sim://climate?seed=2&{tz}&fault=spike&spike_p=0.05&fault_after_s=60",
+         "interval_s": 5},
+        {"id": "veg-1-climate", "type": "sensor", "model": "sim", "room": "Veg 1",
+         "url": f"sim://climate?seed=3&{tz}&lights_on=06:00&lights_off=00:00&day_c=25"
+                "&night_c=21&day_rh=62&night_rh=68&co2=900", "interval_s": 5},
+    ]
+
+
+def demo_label(n: int) -> dict[str, Any]:
+    sale = sample_sale(n)
+    return {"package_tag": sale["lines"][0]["package_tag"], "product": "Blue Dream 3.5g",
+            "strain": "Blue Dream", "net_weight": "3.5", "unit": "Grams", "thc_pct": "21.4",
+            "cbd_pct": "0.1", "batch": f"B-{n:05d}"}
 
 
 def _show(site: LocalSite, accepted: int) -> None:

@@ -148,6 +148,55 @@ def bench_labels(count: int) -> dict[str, Any]:
     }
 
 
+def bench_agent_labels(count: int) -> dict[str, Any]:
+    import asyncio
+    import tempfile
+
+    from fastapi.testclient import TestClient
+
+    from agent.api import ApiContext, create_app
+    from agent.auth import Tokens
+    from agent.config import AgentConfig
+    from agent.outbox import Outbox
+    from agent.printing import PrinterService
+    from agent.services import ServiceContext, all_devices
+
+    def label(i: int) -> dict[str, Any]:
+        return {**LABEL, "batch": f"B-{i:06d}"}
+
+    samples: list[float] = []
+    with fake_zpl_printer() as fake, tempfile.TemporaryDirectory() as tmp:
+        cfg = AgentConfig(site={"id": "bench"}, outbox={"path": f"{tmp}/outbox"},  # type: ignore[arg-type]
+                          api={"advertise": False},
+                          devices=[{"id": "zebra", "type": "label_printer", "url": fake.url,
+                                    **LABEL_OPTIONS}])
+        outbox = Outbox(f"{tmp}/outbox", "bench", max_bytes=1 << 28)
+        outbox.open()
+        service = PrinterService(cfg)
+        ctx = ApiContext(cfg=cfg, outbox=outbox, tokens=Tokens({"bench": "b" * 24}),
+                         uplink_snapshot=dict, devices_snapshot=lambda: all_devices([service]),
+                         started_at=time.time(), services=[service])
+        with TestClient(create_app(ctx)) as client:
+            portal = client.portal
+            assert portal is not None
+            loop = portal.call(asyncio.get_running_loop)
+            portal.call(service.start, ServiceContext(cfg, outbox, Path(tmp), loop))
+            auth = {"Authorization": "Bearer " + "b" * 24}
+            for i in range(count):
+                t0 = time.perf_counter()
+                r = client.post("/v1/print/label", json=label(i), headers=auth)
+                samples.append(time.perf_counter() - t0)
+                assert r.status_code == 200, r.text
+            portal.call(service.stop)
+        deadline = time.monotonic() + 10
+        while outbox.stats()["print"].depth < count and time.monotonic() < deadline:
+            time.sleep(0.01)  # bench only: the last events' group commit
+        events = outbox.stats()["print"].depth
+        outbox.close()
+    return {"post_print_label": _pcts(samples), "print_events_committed": events,
+            "labels_printed_by_fake": len(fake.printed)}
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="shorter runs (CI smoke)")
@@ -158,6 +207,7 @@ def main() -> int:
         "machine": {"python": platform.python_version(), "cpus": __import__("os").cpu_count()},
         "receipts": bench_receipts(seconds),
         "labels": bench_labels(count),
+        "agent": bench_agent_labels(count // 2),
     }
     print(json.dumps(result, indent=2))
     return 0

@@ -14,17 +14,19 @@ from typing import Any
 
 import httpx
 import pytest
+from fastapi import APIRouter
 from fastapi.testclient import TestClient
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from prometheus_client.parser import text_string_to_metric_families
 
-from agent.api import ApiContext, create_app, outbox_writable
+from agent.api import ApiContext, Caller, create_app, outbox_writable
 from agent.auth import Tokens
 from agent.config import KINDS, AgentConfig
 from agent.envelope import decode
 from agent.errors import ConfigError, DiskFull, EventTooLarge, OutboxError
 from agent.outbox import Outbox
+from agent.services import BaseService
 
 SITE = "co-denver-01"
 POS_TOKEN = "pos-token-0123456789abcdef"
@@ -180,9 +182,13 @@ def test_source_is_the_token_name_and_a_label_only_refines_it(site: Site) -> Non
 ])
 def test_missing_or_wrong_token_is_401_on_every_route_but_healthz(site: Site,
                                                                    headers: dict[str, str]) -> None:
-    """Every route but /healthz needs a known bearer token; 401 says Bearer and names the header."""
+    """Every data route needs a known bearer token; 401 says Bearer and names the header.
+
+    Only /healthz and the site page's sign-in shell (/, /static) are open; the
+    shell holds no data and signs in through POST /v1/session.
+    """
     for method, path in (("POST", "/v1/events/sale"), ("GET", "/v1/status"), ("GET", "/metrics"),
-                         ("GET", "/openapi.json"), ("GET", "/")):
+                         ("GET", "/openapi.json"), ("GET", "/v1/page")):
         answer = site.client.request(method, path, json={"data": SALE}, headers=headers)
         assert answer.status_code == 401, (path, answer.text)
         assert answer.headers["www-authenticate"].startswith("Bearer")
@@ -637,3 +643,27 @@ def test_fuzzed_bodies_never_get_a_5xx(tmp_path_factory: pytest.TempPathFactory)
         fuzz()
     finally:
         s.close()
+
+
+def test_service_routes_are_counted_under_their_template(site: Site) -> None:
+    """Routes a device family adds (an included router) are labelled by template, not unmatched."""
+    class Echo(BaseService):
+        name = "echo"
+
+        def router(self) -> APIRouter:
+            r = APIRouter()
+
+            @r.get("/v1/echo/{word}")
+            async def echo(word: str, _: Caller) -> dict[str, str]:
+                return {"word": word}
+
+            return r
+
+    ctx = ApiContext(cfg=site.cfg, outbox=site.outbox, tokens=site.ctx.tokens,
+                     uplink_snapshot=lambda: site.uplink, devices_snapshot=list,
+                     started_at=time.time(), services=[Echo(site.cfg)])
+    with TestClient(create_app(ctx)) as client:
+        assert client.get("/v1/echo/hi", headers=AUTH).json() == {"word": "hi"}
+        samples = metric_samples(client.get("/metrics", headers=AUTH).text)
+    assert samples[("edge_http_requests_total", (("route", "/v1/echo/{word}"),
+                                                 ("status", "200")))] == 1

@@ -659,3 +659,22 @@ def test_append_is_awaitable(open_outbox: OpenOutbox) -> None:
     ob = open_outbox()
     accepted = asyncio.run(ob.append("device", json.dumps({"state": "up"}), "printer-1"))
     assert (accepted.kind, accepted.seq) == ("device", 1)
+
+
+def test_thinning_counts_invalid_readings_instead_of_averaging_them() -> None:
+    """A reading marked valid=false is counted per reason in the aggregate, not averaged in."""
+    from agent.outbox.thinning import MinuteRun
+
+    def env(seq: int, temp: float, valid: bool = True, reason: str | None = None) -> dict:
+        return {"ts": "2026-11-22T17:03:11.482Z", "source": "climate",
+                "data": {"device": "flower-2", "temperature_c": temp, "valid": valid,
+                         "reason": reason}}
+
+    run = MinuteRun(1, env(1, 24.0), 100)
+    run.add(2, env(2, 99.0, valid=False, reason="spike"), 100)
+    run.add(3, env(3, 26.0), 100)
+    data = run.data()
+    assert data["count"] == 3
+    assert data["series"]["flower-2"]["temperature_c"] == {"mean": 25.0, "min": 24.0,
+                                                           "max": 26.0, "count": 2}
+    assert data["invalid"] == {"flower-2": {"spike": 1}}

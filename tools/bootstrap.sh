@@ -2,7 +2,7 @@
 # Set up everything the demo, the tests and bench/ need, on a fresh machine or
 # an old one: Python >= 3.11 with venv, ./.venv with edge-agent installed in
 # editable mode (plus the test extras), and the system tools the tests drive
-# (mosquitto, mosquitto_pub, openssl, systemd-analyze, socat).
+# (mosquitto, mosquitto_pub, openssl, systemd-analyze, socat, node, chromium).
 #
 # Idempotent: a second run checks and does nothing. As root on Debian/Ubuntu
 # it installs missing system packages with apt-get; otherwise it prints the
@@ -32,6 +32,11 @@ SYSTEM_TOOLS=(
     "socat:socat"                        # ptys standing in for serial devices
     "node:nodejs"                        # the independent offline ZPL renderer (printer tests)
     "npm:npm"
+    "chromium:chromium"                  # headless browser for tests/test_browser.py (Playwright)
+)
+# Fonts the page's screenshots render with; a package, not a command, so checked apart.
+SYSTEM_FILES=(
+    "/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf:fonts-dejavu-core"
 )
 
 log() { printf 'bootstrap: %s\n' "$*" >&2; }
@@ -104,6 +109,9 @@ missing=()
 for entry in "${SYSTEM_TOOLS[@]}"; do
     have "${entry%%:*}" || missing+=("${entry#*:}")
 done
+for entry in "${SYSTEM_FILES[@]}"; do
+    [ -e "${entry%%:*}" ] || missing+=("${entry#*:}")
+done
 PY=""
 if ! venv_ok; then
     if ! PY=$(find_python); then
@@ -168,4 +176,4 @@ if [ ! -d "$ZPL_DIR/node_modules/zpl-renderer-js" ]; then
         zpl-renderer-js@3.4.0 </dev/null >&2 || die "npm install zpl-renderer-js failed"
 fi
 
-log "ready: $("$VENV/bin/python" --version 2>&1) in .venv; mosquitto, openssl, systemd-analyze, socat present"
+log "ready: $("$VENV/bin/python" --version 2>&1) in .venv; mosquitto, openssl, systemd-analyze, socat, node, chromium present"

@@ -20,7 +20,7 @@ import sqlite3
 import time
 from dataclasses import dataclass, field
 
-from diskcache import Cache  # type: ignore[import-untyped]
+from diskcache import Cache
 
 from agent.config import KINDS
 from agent.envelope import iso_ms

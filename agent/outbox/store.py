@@ -26,8 +26,8 @@ import sqlite3
 from itertools import chain
 from typing import Any
 
-from diskcache import Cache, Disk  # type: ignore[import-untyped]
-from diskcache.core import MODE_RAW, UNKNOWN  # type: ignore[import-untyped]
+from diskcache import Cache, Disk
+from diskcache.core import MODE_RAW, UNKNOWN
 
 from agent.envelope import parse_iso
 

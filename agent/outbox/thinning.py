@@ -50,6 +50,9 @@ class MinuteRun:
         self.sources: set[str] = set()
         # series -> field -> [sum, min, max, count]
         self.series: dict[str, dict[str, list[float]]] = {}
+        # series -> reason -> count: readings the sensor layer marked invalid
+        # (a spike, a vendor failure value) are counted, never averaged in.
+        self.invalid: dict[str, dict[str, int]] = {}
         self.add(seq, envelope, size)
 
     def continues(self, seq: int, envelope: dict[str, Any]) -> bool:
@@ -68,6 +71,11 @@ class MinuteRun:
             return
         device = data.get("device")
         name = device if isinstance(device, str) and device else source
+        if data.get("valid") is False:
+            reasons = self.invalid.setdefault(name, {})
+            reason = str(data.get("reason") or "invalid")[:64]
+            reasons[reason] = reasons.get(reason, 0) + 1
+            return
         fields = self.series.setdefault(name, {})
         for key, value in data.items():
             if key == "device" or isinstance(value, bool) or not isinstance(value, int | float):
@@ -97,6 +105,7 @@ class MinuteRun:
                 }
                 for name, fields in self.series.items()
             },
+            **({"invalid": self.invalid} if self.invalid else {}),
         }
 
     def source(self) -> str:

@@ -22,7 +22,7 @@ from collections.abc import Callable
 from dataclasses import replace
 from typing import Any
 
-from diskcache import Cache  # type: ignore[import-untyped]
+from diskcache import Cache
 
 from agent.envelope import UUIDv7, encode, iso_ms
 from agent.errors import DiskFull, EventTooLarge, OutboxError, OutboxFull

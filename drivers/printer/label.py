@@ -150,7 +150,7 @@ class LabelLayout:
 
 def _qr_modules(data: str) -> int:
     """Modules across the QR symbol ZPL will draw (error correction M, as ``MA,`` asks)."""
-    import qrcode  # type: ignore[import-untyped]
+    import qrcode
 
     code = qrcode.QRCode(error_correction=qrcode.constants.ERROR_CORRECT_M, border=0)
     code.add_data(data)

@@ -16,8 +16,8 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
-import barcode  # type: ignore[import-untyped]
-import qrcode  # type: ignore[import-untyped]
+import barcode
+import qrcode
 from PIL import Image, ImageDraw, ImageFont
 
 from drivers.printer.label import (

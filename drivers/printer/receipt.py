@@ -15,8 +15,8 @@ from datetime import datetime
 from decimal import Decimal
 from typing import Annotated, Any, Literal
 
-from escpos.constants import QR_ECLEVEL_M  # type: ignore[import-untyped]
-from escpos.printer import Dummy  # type: ignore[import-untyped]
+from escpos.constants import QR_ECLEVEL_M
+from escpos.printer import Dummy
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 from pydantic import ValidationError as PydanticValidationError
 

@@ -21,9 +21,9 @@ from abc import ABC, abstractmethod
 from typing import Any
 from urllib.parse import parse_qs, unquote, urlsplit
 
-import serial  # type: ignore[import-untyped]
-import usb.core  # type: ignore[import-untyped]
-import usb.util  # type: ignore[import-untyped]
+import serial
+import usb.core
+import usb.util
 
 from drivers.printer.errors import BadDeviceUrl, TransportError
 from drivers.printer.sim import SIM_STATES, SimEscposPrinter, SimZplPrinter, sim_printer

@@ -75,7 +75,9 @@ class PrinterWorker:
         await asyncio.to_thread(self.stop)
 
     def _run(self) -> None:
-        last_poll = time.monotonic()
+        # The first round polls at once (unless a job is waiting), so status
+        # shows a printer's real state from start-up, not after an interval.
+        last_poll = time.monotonic() - (self.status_interval_s or 0.0)
         while not self._stop.is_set():
             try:
                 if self.queue.run_due():
