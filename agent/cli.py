@@ -278,8 +278,14 @@ def _print_preview(path: str, args: argparse.Namespace) -> int:
 def _devices(cfg: AgentConfig, args: argparse.Namespace) -> int:
     from agent.discovery import devices_main
 
+    from agent.hardware import format_inventory, inventory
+
     configured = [d.model_dump(include={"id", "type", "url", "enabled"}) for d in cfg.devices]
-    return devices_main(configured, cfg.api.advertise_interfaces, args.seconds, args.json)
+    local = inventory()
+    if not args.json:
+        print(format_inventory(local))
+    return devices_main(configured, cfg.api.advertise_interfaces, args.seconds, args.json,
+                        extra={"local": local})
 
 
 if __name__ == "__main__":

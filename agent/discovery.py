@@ -212,7 +212,7 @@ async def browse(interfaces: Iterable[str] = (), seconds: float = BROWSE_S) -> l
 
 
 def devices_main(configured: list[dict[str, Any]], interfaces: list[str], seconds: float,
-                 as_json: bool) -> int:
+                 as_json: bool, extra: dict[str, Any] | None = None) -> int:
     """``edge-agent devices``: the configured devices, then the printers advertised nearby."""
     import json
     import sys
@@ -226,7 +226,7 @@ def devices_main(configured: list[dict[str, Any]], interfaces: list[str], second
     discovered = [{**f.as_dict(), "configured_as": by_url.get(f.url)} for f in found]
     if as_json:
         print(json.dumps({"configured": configured, "discovered": discovered,
-                          "discovery_error": error}, indent=2))
+                          "discovery_error": error, **(extra or {})}, indent=2))
         return 0 if error is None else 1
     print(f"configured devices ({len(configured)})")
     for d in configured:

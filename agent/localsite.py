@@ -174,7 +174,7 @@ class LocalSite:
             "mqtt": self._mqtt(f"edge-{self.site_id}"),
             "outbox": {"path": str(self.outbox_path)},
             "api": {"bind": "127.0.0.1", "port": self.api_port, "tokens_file": str(tokens),
-                    "advertise": False},
+                    "advertise": False, "advertise_interfaces": ["127.0.0.1"]},
         }
         for name, values in self.agent_overrides.items():
             sections[name] = {**sections.get(name, {}), **values}
