@@ -57,11 +57,12 @@ def host_addresses(interfaces: list[str]) -> list[str]:
                 continue
             found.append(str(parsed))
     # An address named in the config but on no adapter (yet) is still meant.
-    found += [a for a in interfaces if _is_ip(a) and a not in found]
+    found += [a for a in interfaces if is_ip(a) and a not in found]
     return sorted(set(found))
 
 
-def _is_ip(text: str) -> bool:
+def is_ip(text: str) -> bool:
+    """Whether ``text`` is an IPv4 or IPv6 address (not an interface name)."""
     try:
         ipaddress.ip_address(text)
     except ValueError:

@@ -277,7 +277,6 @@ def _print_preview(path: str, args: argparse.Namespace) -> int:
 
 def _devices(cfg: AgentConfig, args: argparse.Namespace) -> int:
     from agent.discovery import devices_main
-
     from agent.hardware import format_inventory, inventory
 
     configured = [d.model_dump(include={"id", "type", "url", "enabled"}) for d in cfg.devices]

@@ -24,6 +24,8 @@ from typing import Any
 from zeroconf import InterfaceChoice, IPVersion, ServiceStateChange, Zeroconf
 from zeroconf.asyncio import AsyncServiceBrowser, AsyncServiceInfo, AsyncZeroconf
 
+from agent.advertise import host_addresses, is_ip
+
 log = logging.getLogger(__name__)
 
 # service type -> the protocol it speaks
@@ -91,25 +93,15 @@ def found_from_info(info: AsyncServiceInfo, protocol: str) -> FoundPrinter | Non
                         _device_url(protocol, host, info.port, txt), txt)
 
 
-def _is_ip(text: str) -> bool:
-    try:
-        ipaddress.ip_address(text)
-    except ValueError:
-        return False
-    return True
-
-
 def _interfaces(interfaces: Iterable[str]) -> tuple[Any, IPVersion | None]:
     chosen = list(interfaces)
     if not chosen:
         return InterfaceChoice.All, None
-    if not all(_is_ip(i) for i in chosen):
+    if not all(is_ip(i) for i in chosen):
         # api.advertise_interfaces may name adapters ("eth0"); zeroconf wants addresses.
         # Link-local IPv6 is left out: it needs a scope id.
-        from agent.advertise import host_addresses
-
         chosen = [a for a in host_addresses(chosen)
-                  if _is_ip(a) and not ipaddress.ip_address(a).is_link_local]
+                  if is_ip(a) and not ipaddress.ip_address(a).is_link_local]
         if not chosen:
             raise ValueError(f"no address on api.advertise_interfaces {list(interfaces)}")
     if all(":" not in i for i in chosen):

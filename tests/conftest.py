@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Callable, Iterator
 from typing import TypeVar
@@ -34,3 +35,31 @@ def broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Broker]:
         yield b
     finally:
         b.stop()
+
+
+class Pty:
+    """A serial scanner stand-in: the agent opens the slave by path; tests type into the master."""
+
+    def __init__(self, end: str = "\r") -> None:
+        self.master, self.slave = os.openpty()
+        self.path = os.ttyname(self.slave)
+        self.end = end
+        self.last_write = 0.0
+
+    def scan(self, *codes: str) -> None:
+        os.write(self.master, b"".join(f"{c}{self.end}".encode() for c in codes))
+        self.last_write = time.monotonic()
+
+    def close(self) -> None:
+        os.close(self.master)
+        os.close(self.slave)
+
+
+@pytest.fixture
+def pty() -> Iterator[Pty]:
+    """A pty pair whose scans end in CR."""
+    p = Pty()
+    try:
+        yield p
+    finally:
+        p.close()

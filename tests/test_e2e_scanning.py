@@ -20,39 +20,13 @@ from websockets.sync.client import ClientConnection, connect
 
 from agent.hqcommand import send_command
 from agent.localsite import LocalSite
-from tests.conftest import wait_for
+from tests.conftest import Pty, wait_for
 
 pytestmark = pytest.mark.e2e
 
 DEVICE = "counter-1-scanner"
 TAGS = [f"1A4FF01000000220000{n:05d}" for n in range(100)]
 DEBOUNCE_MS = 100
-
-
-class Pty:
-    """The scanner: the agent opens the slave by path; the test types into the master."""
-
-    def __init__(self) -> None:
-        self.master, self.slave = os.openpty()
-        self.path = os.ttyname(self.slave)
-        self.last_write = 0.0
-
-    def scan(self, *codes: str) -> None:
-        os.write(self.master, b"".join(f"{c}\r".encode() for c in codes))
-        self.last_write = time.monotonic()
-
-    def close(self) -> None:
-        os.close(self.master)
-        os.close(self.slave)
-
-
-@pytest.fixture
-def pty() -> Iterator[Pty]:
-    p = Pty()
-    try:
-        yield p
-    finally:
-        p.close()
 
 
 @pytest.fixture

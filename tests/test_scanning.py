@@ -29,7 +29,7 @@ from agent.scanning_api import ScanFeed
 from agent.services import ServiceContext, all_devices
 from drivers.scanner import reader as reader_mod
 from drivers.scanner.retail_id import encode_short_url
-from tests.conftest import wait_for
+from tests.conftest import Pty, wait_for
 from tests.test_scanner_serial import SocatLink
 
 SITE = "co-denver-01"
@@ -93,24 +93,10 @@ class Rig:
         self.outbox.close()
 
 
-class Pty:
-    """An os.openpty pair: the slave is the scanner's port, tests write into the master."""
-
-    def __init__(self) -> None:
-        self.master, self.slave = os.openpty()
-        self.path = os.ttyname(self.slave)
-
-    def scan(self, *codes: str) -> None:
-        os.write(self.master, b"".join(f"{c}\r\n".encode() for c in codes))
-
-    def close(self) -> None:
-        os.close(self.master)
-        os.close(self.slave)
-
-
 @pytest.fixture
 def pty() -> Iterator[Pty]:
-    p = Pty()
+    """A pty pair whose scans end in CR LF (the rig's scanners expect crlf)."""
+    p = Pty(end="\r\n")
     try:
         yield p
     finally:
