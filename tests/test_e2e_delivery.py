@@ -6,6 +6,7 @@ API acknowledged with 202 ends up in HQ's store exactly once, seqs 1..N.
 
 from __future__ import annotations
 
+import http.client
 import json
 import os
 import subprocess
@@ -46,8 +47,10 @@ def post_until_accepted(site: LocalSite, n: int, deadline: float) -> dict[str, A
     while time.monotonic() < deadline:
         try:
             status, body = post_sale(site, n, key=f"sale-{n}", timeout=5)
-        except OSError:
-            time.sleep(0.05)  # the agent is down: a POS retries, with the same key
+        except (OSError, http.client.HTTPException):
+            # The agent is down, or died mid-answer (IncompleteRead): a POS
+            # retries, with the same key.
+            time.sleep(0.05)
             continue
         if status == 202:
             return dict(body)
@@ -332,7 +335,7 @@ def test_sigterm_drains_and_exits_within_10s(site: LocalSite) -> None:
         while not stop.is_set():
             try:
                 status, _ = post_sale(site, n, timeout=2)
-            except OSError:
+            except (OSError, http.client.HTTPException):
                 return
             if status == 202:
                 accepted.append(n)

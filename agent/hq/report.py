@@ -1,8 +1,9 @@
 """``edge-agent hq report``: did every site's events arrive?
 
 Per site and kind: distinct events stored, the seq range, gaps (and since when
-each is missing), ranges the agent declared lost, duplicates dropped and the
-age of the newest event. ``--json`` prints CONTRACT 8's shape (plus extras, see
+each is missing), ranges the agent declared lost, ranges skipped over an
+agent's ``floor`` (acked by an earlier store; not a gap), duplicates dropped and
+the age of the newest event. ``--json`` prints CONTRACT 8's shape (plus extras, see
 :meth:`agent.hq.store.SqliteStore.report`); otherwise a table for humans.
 """
 
@@ -48,14 +49,15 @@ def _gaps(details: list[dict[str, Any]]) -> str:
 
 def format_report(report: dict[str, Any]) -> str:
     """The report as an aligned table, one row per (site, kind)."""
-    header = ("SITE", "KIND", "RECEIVED", "SEQS", "ACKED", "GAPS", "LOST", "DUPS", "NEWEST")
+    header = ("SITE", "KIND", "RECEIVED", "SEQS", "ACKED", "GAPS", "LOST", "SKIPPED", "DUPS",
+              "NEWEST")
     rows: list[tuple[str, ...]] = []
     for site in report["sites"]:
         for k in site["kinds"]:
             rows.append((
                 site["site"], k["kind"], str(k["received"]), f"{k['first_seq']}..{k['last_seq']}",
                 str(k.get("acked_upto", "-")), _gaps(k.get("gap_details", [])),
-                _ranges(k.get("lost", [])), str(k["duplicates"]),
+                _ranges(k.get("lost", [])), _ranges(k.get("skipped", [])), str(k["duplicates"]),
                 format_age(k.get("newest_age_s")),
             ))
     if not rows:

@@ -7,6 +7,15 @@ a range an agent declared ``lost`` (seqs that went down with a corrupt outbox;
 acking past them is what lets the agent move on). HQ acks exactly that number,
 so the agent deletes only what HQ holds.
 
+An event may also carry ``floor`` F: every seq <= F of its kind has left the
+agent's outbox for good (acked, by this store or an earlier one, or lost), so
+none of them will ever be sent. A store whose watermark is below F (a fresh
+database facing an agent whose outbox starts at F + 1) raises it to F and
+records the part of ``mark+1..F`` it does not hold in the ``skipped`` table; the
+report lists those ranges as ``skipped``, not as gaps. Without this the
+watermark would wait forever for seqs no agent still has. Seqs that arrive
+inside a skipped range later are stored as usual.
+
 The watermark is recomputed from the database inside the write transaction, so
 any number of receivers may share one store: SQLite serialises their
 ``BEGIN IMMEDIATE`` transactions and each sees what the others committed.
@@ -24,7 +33,7 @@ import re
 import sqlite3
 import threading
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -65,6 +74,7 @@ class EventRow:
     ts: str
     lost: tuple[int, int] | None
     payload: str  # the envelope's JSON text, as stored
+    floor: int | None = None  # every seq <= floor has left the agent's outbox for good
 
     @property
     def pair(self) -> Pair:
@@ -107,7 +117,7 @@ def event_row(env: Mapping[str, Any], payload: str | None = None) -> EventRow:
 
     ``agent.envelope.decode`` already checked the v1 basics; this adds what the
     store relies on: a site id usable in a topic, a sane kind, a parseable
-    ``ts``, and the ``seq_end`` / ``lost`` extensions of CONTRACT 4.
+    ``ts``, and the ``seq_end`` / ``lost`` / ``floor`` extensions of CONTRACT 4.
     ``payload`` is the envelope's JSON text as received (stored verbatim);
     without it the envelope is serialised again.
     """
@@ -139,9 +149,14 @@ def event_row(env: Mapping[str, Any], payload: str | None = None) -> EventRow:
             raise ValueError(f"envelope field 'lost' must be [from, to] with 1 <= from <= to, "
                              f"got {lost!r:.60}")
         lost_range = (lost[0], lost[1])
+    floor = env.get("floor")
+    if floor is not None and (not _int(floor) or not 0 <= floor < seq):
+        raise ValueError(f"envelope field 'floor' must be an integer 0 <= floor < seq ({seq}), "
+                         f"got {floor!r:.40}")
     if payload is None:
         payload = json.dumps(env, separators=(",", ":"), ensure_ascii=False)
-    return EventRow(site, kind, seq, seq_end, event_id, ts_text, lost_range, payload)
+    return EventRow(site, kind, seq, seq_end, event_id, ts_text, lost_range, payload,
+                    floor or None)
 
 
 class Store(Protocol):
@@ -191,7 +206,20 @@ CREATE TABLE IF NOT EXISTS lost (
     received_at TEXT NOT NULL,
     PRIMARY KEY (site, kind, from_seq, to_seq)
 );
+CREATE TABLE IF NOT EXISTS skipped (
+    site TEXT NOT NULL,
+    kind TEXT NOT NULL,
+    from_seq INTEGER NOT NULL,         -- seqs the watermark was raised over by a "floor"
+    to_seq INTEGER NOT NULL,           -- and that this store did not hold at the time
+    seq INTEGER NOT NULL,              -- the event that carried the floor
+    ts TEXT NOT NULL,
+    received_at TEXT NOT NULL,
+    PRIMARY KEY (site, kind, from_seq, to_seq)
+);
 """
+# Added after the first release of the schema: a store made before it gets the
+# table on open (additive, so SCHEMA_VERSION stays; older code ignores it).
+_SKIPPED_TABLE = _SCHEMA[_SCHEMA.index("CREATE TABLE IF NOT EXISTS skipped"):]
 
 
 def sqlite_path(url: str) -> str:
@@ -215,7 +243,7 @@ class SqliteStore:
         self._clock = clock
         self._lock = threading.Lock()
         self.counters: dict[str, int] = {"stored": 0, "duplicates": 0, "lost_ranges": 0,
-                                         "batches": 0}
+                                         "skipped_ranges": 0, "batches": 0}
         if not create and not os.path.exists(path):
             raise StoreError(path, "no such file (has 'edge-agent hq' run with this config? "
                                    "check [hq] store)")
@@ -243,6 +271,8 @@ class SqliteStore:
         version = conn.execute("PRAGMA user_version").fetchone()[0]
         tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type='table'")}
         if version == SCHEMA_VERSION and {"events", "marks", "lost"} <= tables:
+            if "skipped" not in tables:
+                conn.executescript("BEGIN IMMEDIATE;" + _SKIPPED_TABLE + "COMMIT;")
             return
         if version not in (0, SCHEMA_VERSION) or (tables and version == 0):
             # Someone else's database (an outbox, say): never add tables to it.
@@ -285,7 +315,8 @@ class SqliteStore:
         ``envelopes`` are decoded envelopes, or rows already checked by
         :func:`event_row` (the receiver's fast path). Each (site, kind, seq) is
         inserted once; a repeat is a duplicate (counted on the stored row).
-        ``lost`` ranges are recorded. The transaction is committed
+        ``lost`` ranges are recorded; a ``floor`` above a pair's watermark raises
+        it (see the module docstring). The transaction is committed
         (``synchronous=FULL``) before this returns, so the caller may ack what
         it returns. ``ValueError`` if an envelope is bad (nothing is written
         then); :class:`StoreError` if SQLite fails.
@@ -326,31 +357,70 @@ class SqliteStore:
                         " received_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
                         (row.site, row.kind, row.lost[0], row.lost[1], row.seq, row.ts, now))
                     lost += cur.rowcount
-            marks = {pair: self._advance(conn, pair, batch) for pair, batch in touched.items()}
+            marks: dict[Pair, int] = {}
+            skipped = 0
+            for pair, batch in touched.items():
+                marks[pair], ranges = self._advance(conn, pair, batch, now)
+                skipped += ranges
         self.counters["stored"] += stored
+        self.counters["skipped_ranges"] += skipped
         self.counters["duplicates"] += dups
         self.counters["lost_ranges"] += lost
         self.counters["batches"] += 1
         return marks
 
-    def _advance(self, conn: sqlite3.Connection, pair: Pair, batch: list[EventRow]) -> int:
-        """Move the pair's watermark over contiguous coverage; runs inside the write."""
+    def _advance(self, conn: sqlite3.Connection, pair: Pair, batch: list[EventRow],
+                 now: str) -> tuple[int, int]:
+        """Move the pair's watermark over contiguous coverage, and over a ``floor``
+        above it; runs inside the write. Returns the watermark and the number of
+        skipped ranges recorded."""
         site, kind = pair
         found = conn.execute("SELECT upto FROM marks WHERE site = ? AND kind = ?",
                              pair).fetchone()
-        start = upto = found[0] if found else 0
+        start = found[0] if found else 0
         # Ranges that may start at or below the mark yet reach past it: lost
         # ranges (few), and aggregates of this batch whose first seq was already
         # covered. Stored rows starting above the mark come from the cursor.
-        extra = [(a, b) for a, b in conn.execute(
+        lost = [(a, b) for a, b in conn.execute(
             "SELECT from_seq, to_seq FROM lost WHERE site = ? AND kind = ? AND to_seq > ?",
-            (site, kind, upto))]
-        extra += [(r.seq, r.end) for r in batch if r.seq <= upto < r.end]
+            (site, kind, start))]
+        extra = lost + [(r.seq, r.end) for r in batch if r.seq <= start < r.end]
+        upto = self._cover(conn, pair, start, extra)
+        floor_row = max((r for r in batch if r.floor is not None),
+                        key=lambda r: r.floor or 0, default=None)
+        skipped = 0
+        if floor_row is not None and floor_row.floor is not None and floor_row.floor > upto:
+            floor = floor_row.floor
+            # Rows stored between the mark and the floor (late arrivals, or the
+            # far side of a gap): what they and the lost ranges cover is not skipped,
+            # and one of them may reach past the floor.
+            held = conn.execute(
+                "SELECT seq, COALESCE(seq_end, seq) FROM events "
+                "WHERE site = ? AND kind = ? AND seq > ? AND seq <= ? ORDER BY seq",
+                (site, kind, upto, floor))
+            pieces, reach = _holes((upto + 1, floor), held, lost)
+            for first, last in pieces:
+                skipped += conn.execute(
+                    "INSERT OR IGNORE INTO skipped (site, kind, from_seq, to_seq, seq, ts,"
+                    " received_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                    (site, kind, first, last, floor_row.seq, floor_row.ts, now)).rowcount
+            upto = self._cover(conn, pair, max(floor, reach), extra)
+        if upto != start:
+            conn.execute(
+                "INSERT INTO marks (site, kind, upto) VALUES (?, ?, ?) "
+                "ON CONFLICT (site, kind) DO UPDATE SET upto = excluded.upto "
+                "WHERE excluded.upto > marks.upto", (site, kind, upto))
+        return upto, skipped
+
+    @staticmethod
+    def _cover(conn: sqlite3.Connection, pair: Pair, upto: int,
+               extra: list[tuple[int, int]]) -> int:
+        """The highest seq reached from ``upto`` over contiguous stored rows and ``extra``."""
         # Lazily read rows above the mark in seq order, stopping at the first
         # hole: the cost is the distance advanced, not the backlog beyond a gap.
         cursor = conn.execute(
             "SELECT seq, COALESCE(seq_end, seq) FROM events "
-            "WHERE site = ? AND kind = ? AND seq > ? ORDER BY seq", (site, kind, upto))
+            "WHERE site = ? AND kind = ? AND seq > ? ORDER BY seq", (*pair, upto))
         row = cursor.fetchone()
         while True:
             moved = False
@@ -365,11 +435,6 @@ class SqliteStore:
             if not moved:
                 break
         cursor.close()
-        if upto != start:
-            conn.execute(
-                "INSERT INTO marks (site, kind, upto) VALUES (?, ?, ?) "
-                "ON CONFLICT (site, kind) DO UPDATE SET upto = excluded.upto "
-                "WHERE excluded.upto > marks.upto", (site, kind, upto))
         return upto
 
     # -- reading ---------------------------------------------------------
@@ -400,8 +465,10 @@ class SqliteStore:
         ``since`` (an ISO date or time; ``ValueError`` if not) keeps events whose
         ``ts`` is at or after it. Each kind has the contract's ``received``,
         ``first_seq``, ``last_seq``, ``gaps`` (seqs missing between first and
-        last, excluding declared-lost ranges) and ``duplicates``, and also
-        ``lost`` (declared-lost ranges), ``gap_details`` (each gap with
+        last, excluding declared-lost and skipped ranges) and ``duplicates``, and
+        also ``lost`` (declared-lost ranges), ``skipped`` (seqs the watermark was
+        raised over by an agent's ``floor`` and this store does not hold: acked
+        by an earlier store, not missing), ``gap_details`` (each gap with
         ``since``: when HQ stored the event after it), ``gap_since`` (that of the
         first gap), ``acked_upto``, ``newest_ts``, ``newest_age_s`` and
         ``newest_received_at``.
@@ -425,7 +492,8 @@ class SqliteStore:
         sites: dict[str, list[dict[str, Any]]] = {}
         for s, k, count, first, last, newest, newest_rx, dups in summary:
             lost = self._lost(s, k, since_text)
-            details = self._gaps(s, k, since_text, lost)
+            skipped = self._ranges("skipped", s, k, since_text)
+            details = self._gaps(s, k, since_text, lost + skipped)
             sites.setdefault(s, []).append({
                 "kind": k,
                 "received": count,
@@ -434,6 +502,7 @@ class SqliteStore:
                 "gaps": [[d["from"], d["to"]] for d in details],
                 "duplicates": dups,
                 "lost": [list(r) for r in lost],
+                "skipped": [list(r) for r in self._unheld(s, k, skipped)],
                 "gap_details": details,
                 "gap_since": details[0]["since"] if details else None,
                 "acked_upto": marks.get((s, k), 0),
@@ -445,12 +514,36 @@ class SqliteStore:
                 "generated_at": iso_ms(now_s), "since": since_text}
 
     def _lost(self, site: str, kind: str, since: str | None) -> list[tuple[int, int]]:
-        sql = "SELECT from_seq, to_seq FROM lost WHERE site = ? AND kind = ?"
+        return self._ranges("lost", site, kind, since)
+
+    def _ranges(self, table: str, site: str, kind: str,
+                since: str | None) -> list[tuple[int, int]]:
+        """The ranges of ``lost`` or ``skipped`` declared by events at or after ``since``."""
+        assert table in ("lost", "skipped")
+        sql = f"SELECT from_seq, to_seq FROM {table} WHERE site = ? AND kind = ?"  # noqa: S608
         params: list[Any] = [site, kind]
         if since is not None:
             sql += " AND ts >= ?"
             params.append(since)
         return [(a, b) for a, b in self._read(sql + " ORDER BY from_seq", params)]
+
+    def _unheld(self, site: str, kind: str,
+                ranges: list[tuple[int, int]]) -> list[tuple[int, int]]:
+        """The parts of ``ranges`` not covered by a stored event (some may arrive late)."""
+        out: list[tuple[int, int]] = []
+        for first, last in ranges:
+            # The row just below the range (an aggregate may reach into it), then
+            # the rows inside it: both index range scans.
+            held = [(a, b) for a, b in self._read(
+                "SELECT seq, COALESCE(seq_end, seq) FROM events "
+                "WHERE site = ? AND kind = ? AND seq < ? ORDER BY seq DESC LIMIT 1",
+                (site, kind, first))]
+            held += [(a, b) for a, b in self._read(
+                "SELECT seq, COALESCE(seq_end, seq) FROM events "
+                "WHERE site = ? AND kind = ? AND seq >= ? AND seq <= ? ORDER BY seq",
+                (site, kind, first, last))]
+            out += _holes((first, last), held, [])[0]
+        return out
 
     def _gaps(self, site: str, kind: str, since: str | None,
               lost: list[tuple[int, int]]) -> list[dict[str, Any]]:
@@ -469,6 +562,24 @@ class SqliteStore:
             for a, b in _subtract((first, last), lost):
                 gaps.append({"from": a, "to": b, "since": since_at})
         return gaps
+
+
+def _holes(span: tuple[int, int], held: Iterable[tuple[int, int]],
+           ranges: list[tuple[int, int]]) -> tuple[list[tuple[int, int]], int]:
+    """The parts of ``span`` (inclusive) covered neither by ``held`` (sorted by
+    start, streamed: may be many) nor by ``ranges`` (few); and the highest end
+    among ``held`` (``span``'s first - 1 if none)."""
+    first, last = span
+    reach = first - 1
+    pieces = []
+    for a, b in held:
+        reach = max(reach, b)
+        if a > first and first <= last:
+            pieces.append((first, min(a - 1, last)))
+        first = max(first, b + 1)
+    if first <= last:
+        pieces.append((first, last))
+    return [p for piece in pieces for p in _subtract(piece, ranges)], reach
 
 
 def _subtract(span: tuple[int, int], ranges: list[tuple[int, int]]) -> list[tuple[int, int]]:

@@ -10,10 +10,13 @@ Delivery (CONTRACT 4). Per kind, events go out in seq order, as the stored
 envelope bytes, QoS 1 on ``P/events/{kind}``. With ``delivery = "hq-ack"`` an
 event leaves the outbox only when HQ's cumulative ack on ``P/acks`` covers it;
 when the ack stops advancing for ``ack_timeout_s`` while events are out, and on
-every reconnect, the kind is resent from its first unacked seq (same bytes, so
-HQ deduplicates by seq). With ``"broker-ack"`` the contiguous prefix of
-successful PUBACKs is deleted. A PUBACK with a failure reason (an ACL denial
-under MQTT 5) is not a delivery: the kind is resent after a backoff.
+every reconnect, the kind is resent from its first unacked seq (the stored bytes, so
+HQ deduplicates by seq). The event that is the oldest in the outbox goes out
+with ``"floor": seq - 1`` spliced in (README, "Envelope extensions"): a fresh HQ
+store that never saw the seqs an earlier store acked can then ack the rest.
+With ``"broker-ack"`` the contiguous prefix of successful PUBACKs is deleted.
+A PUBACK with a failure reason (an ACL denial under MQTT 5) is not a delivery:
+the kind is resent after a backoff.
 
 Sessions. Every connection uses a fresh paho client with a clean session: the
 outbox is the only queue (paho's in-flight state would only duplicate it), so
@@ -62,6 +65,7 @@ from agent.uplink.protocol import (
     parse_ack,
     split_host,
     status_payload,
+    with_floor,
 )
 
 if TYPE_CHECKING:
@@ -632,7 +636,14 @@ class Uplink:
                     with self._lock:
                         ledger.read_was_empty(kind, last_seq)
                     continue
+                oldest = stats[kind].first_seq
                 for seq, body in rows:
+                    if seq == oldest and seq > 1:
+                        # The oldest event in the outbox (what a connect or an ack timeout
+                        # resends first): tell HQ nothing below it will ever come, so a
+                        # fresh HQ store can ack. ``stats`` may be a moment old, but
+                        # first_seq only grows and this row exists, so it is the oldest.
+                        body = with_floor(body, seq - 1)
                     info, early = self._publish(client, self.topic_events[kind], body, qos=1)
                     if info.rc != MQTTErrorCode.MQTT_ERR_SUCCESS:
                         # Not connected any more, or paho's queue is full (the window plus

@@ -1,7 +1,8 @@
 """The uplink's side of CONTRACT 4 that needs no socket.
 
-Ack payloads, host entries, the status payload, and the one-line wording of
-connection failures for operators (foreign errors are mapped here, once).
+Ack payloads, host entries, the status payload, the ``floor`` splice, and the
+one-line wording of connection failures for operators (foreign errors are
+mapped here, once).
 """
 
 from __future__ import annotations
@@ -76,6 +77,20 @@ def parse_ack(payload: bytes) -> AckMessage | str:
     if not isinstance(upto, int) or isinstance(upto, bool) or upto < 0:
         return f"upto {upto!r} is not a non-negative integer"
     return AckMessage(kind, upto)
+
+
+def with_floor(body: bytes, floor: int) -> bytes:
+    """The envelope ``body`` with ``"floor":N,`` spliced in after its opening brace.
+
+    ``floor`` says every seq <= N of the kind has left the outbox for good (acked,
+    possibly by an earlier HQ store, or declared lost), so an HQ store that never
+    saw them can still ack. Only the published bytes carry it: the stored
+    envelope, its id, seq and data stay as they are. A body that is not a JSON
+    object with keys, or a floor below 1, is returned unchanged.
+    """
+    if floor < 1 or not body.startswith(b'{"'):
+        return body
+    return b'{"floor":%d,' % floor + body[1:]
 
 
 def status_payload(state: str, version: str, now: float) -> bytes:
