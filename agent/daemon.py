@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import logging
 import signal
+import socket
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -113,6 +114,9 @@ async def serve(cfg: AgentConfig) -> int:
         loop.add_signal_handler(sig, stop.set)
 
     tokens = Tokens.load(cfg.api.tokens_file)
+    # Bind before anything starts: a port in use is a clear error, not a
+    # half-started daemon (uvicorn would sys.exit from inside its task).
+    listener = _listen(cfg.api.bind, cfg.api.port)
     outbox = Outbox(cfg.outbox.path, cfg.site.id, max_bytes=cfg.outbox.max_bytes,
                     max_batch=cfg.outbox.max_batch, ballast_bytes=cfg.outbox.ballast_bytes)
     reports = await asyncio.to_thread(outbox.open)
@@ -126,14 +130,25 @@ async def serve(cfg: AgentConfig) -> int:
     services = build_services(cfg)
     service_ctx = ServiceContext(cfg=cfg, outbox=outbox, state_dir=Path(cfg.outbox.path).parent,
                                  loop=loop)
-    for service in services:
-        await service.start(service_ctx)
+    failed: list[dict[str, Any]] = []
+    for service in list(services):
+        try:
+            await service.start(service_ctx)
+        except Exception as exc:
+            # A family that cannot start must not stop the site selling: the
+            # rest runs, and status shows this family as a failed device.
+            log.exception("%s: failed to start; its devices are not running", service.name)
+            services.remove(service)
+            failed.append({"id": service.name, "type": "service", "state": "error",
+                           "last_fault": f"failed to start: {type(exc).__name__}: {exc}"})
+            continue
         for name, handler in service.commands().items():
             router.register(name, handler)
     started_at = time.time()
     ctx = ApiContext(cfg=cfg, outbox=outbox, tokens=tokens,
                      uplink_snapshot=lambda: uplink.snapshot() if uplink else {},
-                     devices_snapshot=lambda: all_devices(services), started_at=started_at,
+                     devices_snapshot=lambda: failed + all_devices(services),
+                     started_at=started_at,
                      services=services)
     uplink = Uplink(cfg, outbox, version=__version__, health=lambda: build_status(ctx),
                     on_command=router.dispatch)
@@ -143,13 +158,13 @@ async def serve(cfg: AgentConfig) -> int:
     server = _Server(uvicorn.Config(app, host=cfg.api.bind, port=cfg.api.port,
                                     log_level="warning", access_log=False, lifespan="on",
                                     timeout_graceful_shutdown=3))
-    server_task = asyncio.create_task(server.serve(), name="api")
+    server_task = asyncio.create_task(server.serve(sockets=[listener]), name="api")
     while not server.started:
         if server_task.done():
             await _shutdown(outbox, uplink, router, services)
-            exc = server_task.exception()
-            raise AgentError(f"api: cannot listen on {cfg.api.bind}:{cfg.api.port}"
-                             + (f" ({exc})" if exc else "; is the port in use?"))
+            failure = server_task.exception()
+            raise AgentError(f"api: the server on {cfg.api.bind}:{cfg.api.port} did not start"
+                             + (f" ({failure})" if failure else ""))
         await asyncio.sleep(0.01)
     sdnotify.notify("READY=1")
     sdnotify.notify(f"STATUS=listening on {cfg.api.bind}:{cfg.api.port}")
@@ -189,6 +204,21 @@ async def serve(cfg: AgentConfig) -> int:
     await _shutdown(outbox, uplink, router, services)
     log.info("stopped cleanly")
     return 0
+
+
+def _listen(bind: str, port: int) -> socket.socket:
+    family = socket.AF_INET6 if ":" in bind else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((bind, port))
+        sock.listen(2048)
+    except OSError as exc:
+        sock.close()
+        raise AgentError(f"api: cannot listen on {bind}:{port}: {exc.strerror or exc} "
+                         "(check api.bind and api.port; is another edge-agent running?)") \
+            from None
+    return sock
 
 
 async def _shutdown(outbox: Outbox, uplink: Uplink, router: CommandRouter,
