@@ -96,3 +96,11 @@ def test_hq_config_ignores_agent_sections(tmp_path: Path) -> None:
     assert cfg.hq.store.startswith("sqlite:///")
     with pytest.raises(ConfigError, match=r"hq\.store"):
         load_hq_config(write(tmp_path, '[hq]\nstore = "mysql://x"\n'))
+
+
+def test_hq_example_config_validates() -> None:
+    """config/hq.example.toml is a valid HQ receiver config with a stable client id."""
+    cfg = load_hq_config(str(EXAMPLE.with_name("hq.example.toml")))
+    assert cfg.client_id == "edge-hq-1"
+    assert cfg.hq.store == "sqlite:///var/lib/edge-agent-hq/hq.db"
+    assert cfg.mqtt.tls and cfg.mqtt.protocol == "5"
