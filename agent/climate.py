@@ -369,9 +369,11 @@ class ClimateService(BaseService):
                     self._emit_failed(exc)
                     return
                 self._pending_alarms.popleft()
-                self.alarms.committed(payload)
                 self.alarm_counts[(str(payload.get("room")), str(payload.get("code")),
                                    str(payload.get("state")))] += 1
+                # Writes and fsyncs the open-alarm file: off the loop. Only this sender
+                # (under ``_sending``) touches the committed record, one call at a time.
+                await asyncio.to_thread(self.alarms.committed, payload)
 
     def _emit_failed(self, exc: OutboxError) -> None:
         message = str(exc)

@@ -107,6 +107,8 @@ class CommandRouter:
             body = json.loads(payload)
         except (UnicodeDecodeError, json.JSONDecodeError) as exc:
             return None, {}, f"payload is not UTF-8 JSON: {exc}"
+        except RecursionError:  # hostile nesting within the size limit
+            return None, {}, "payload is nested too deeply"
         if not isinstance(body, dict):
             return None, {}, "payload must be a JSON object {\"id\": str, \"args\": {...}}"
         command_id = body.get("id")

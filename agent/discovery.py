@@ -37,6 +37,9 @@ PRINTER_SERVICES: dict[str, str] = {
 # Module level so tests can shrink them.
 RESOLVE_TIMEOUT_S = 3.0
 BROWSE_S = 3.0  # how long ``edge-agent devices`` listens
+# Any host on the LAN can advertise names: past this many printers (and as many
+# resolutions under way) new names are counted in ``ignored``, not kept.
+MAX_FOUND = 256
 # TXT keys of the Bonjour printing spec worth showing (the rest is noise).
 TXT_KEYS = ("ty", "product", "note", "rp", "pdl", "usb_MFG", "usb_MDL")
 
@@ -124,6 +127,7 @@ class PrinterBrowser:
         self._found: dict[str, FoundPrinter] = {}  # by full service name
         self._tasks: set[asyncio.Task[None]] = set()
         self.error: str | None = None
+        self.ignored = 0  # advertised names left out at MAX_FOUND
 
     async def start(self) -> bool:
         """Start browsing; False (and ``error`` set) when mDNS cannot run here."""
@@ -148,6 +152,9 @@ class PrinterBrowser:
             if self._found.pop(name, None) is not None:
                 log.info("printer %r no longer advertised", name)
             return
+        if len(self._tasks) >= MAX_FOUND:
+            self._ignore(name)
+            return
         task = asyncio.get_running_loop().create_task(self._resolve(service_type, name))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
@@ -166,9 +173,18 @@ class PrinterBrowser:
             log.debug("printer service %s did not resolve", name)
             return
         if name not in self._found:
+            if len(self._found) >= MAX_FOUND:
+                self._ignore(name)
+                return
             log.info("found printer %r at %s (%s)", found.name, found.url or found.host,
                      found.service)
         self._found[name] = found
+
+    def _ignore(self, name: str) -> None:
+        self.ignored += 1
+        log.log(logging.WARNING if self.ignored == 1 else logging.DEBUG,
+                "printer discovery: more than %d printers advertised; %r and later ones are "
+                "not listed", MAX_FOUND, name)
 
     def found(self) -> list[FoundPrinter]:
         """What is advertised now, by name."""

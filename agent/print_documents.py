@@ -10,6 +10,7 @@ into ESC/POS or ZPL bytes and the PNG of the same layout. Pure and blocking
 
 from __future__ import annotations
 
+import unicodedata
 from typing import Any
 
 from agent import schemas
@@ -49,6 +50,13 @@ def parse_document(kind: Kind, body: Any) -> tuple[Any, dict[str, str]]:
     if printer is not None and not isinstance(printer, str):
         raise PrintRefused(422, "printer: must be a printer id (a string)", "printer")
     rest = {k: v for k, v in body.items() if k != "printer"}
+    control = _control_text(rest)
+    if control is not None:
+        # ESC/POS text goes to the printer as it is: an ESC or GS in a product name
+        # would be a printer command (cut, reset, kick the cash drawer); and the PNG
+        # renderer cannot lay out some of them either.
+        raise PrintRefused(422, f"{control}: contains a control character or line separator; "
+                                "send printable text only", control, "invalid")
     if kind == "receipt":
         unknown = sorted(set(rest) - {"sale"})
         if unknown:
@@ -70,6 +78,31 @@ def parse_document(kind: Kind, body: Any) -> tuple[Any, dict[str, str]]:
     except RenderError as exc:
         raise PrintRefused(422, str(exc), exc.field, "invalid") from None
     return label, {"package_tag": label.package_tag}
+
+
+# C0, DEL and C1 controls; U+2028/U+2029 (the PNG renderer fails on U+2029).
+_UNPRINTABLE = frozenset({"Cc", "Zl", "Zp"})
+
+
+def _control_text(root: dict[str, Any]) -> str | None:
+    """The path of the first key or string holding a control character or line separator.
+
+    Iterative: HQ command args are not depth-limited the way API bodies are.
+    """
+    stack: list[tuple[str, Any]] = [("", root)]
+    while stack:
+        path, value = stack.pop()
+        if isinstance(value, str):
+            if any(unicodedata.category(c) in _UNPRINTABLE for c in value):
+                return (path or "body")[:64]
+        elif isinstance(value, dict):
+            for key, item in reversed(value.items()):
+                sub = f"{path}.{key}" if path else str(key)
+                stack.append((sub, item))
+                stack.append((path or "body", str(key)))
+        elif isinstance(value, list):
+            stack.extend((f"{path}.{i}", item) for i, item in reversed(list(enumerate(value))))
+    return None
 
 
 def render_document(kind: Kind, document: Any,

@@ -371,7 +371,10 @@ class PrinterService(BaseService):
     def submit(self, prepared: PreparedJob, source: str) -> JobTicket:
         """Queue the job on its printer (thread-safe); a known job id gets its old ticket."""
         with self._lock:
-            self._jobs[prepared.job.id] = (source, prepared.ref)
+            # A resend under a job id already queued keeps the first caller and ref: the
+            # queue prints the first job's bytes, so its events must name that document.
+            if prepared.job.id not in self._jobs:
+                self._jobs[prepared.job.id] = (source, prepared.ref)
             while len(self._jobs) > RESULTS_KEPT:
                 self._jobs.popitem(last=False)
         assert prepared.device.worker is not None

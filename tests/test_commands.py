@@ -69,3 +69,12 @@ def test_handler_errors_are_answered_not_raised() -> None:
     assert by_id["1"]["error"] == "printer packaging-zebra: head open"
     assert by_id["2"]["error"] == "internal error in bug: ZeroDivisionError"
     r.close()
+
+
+def test_deeply_nested_command_is_answered_not_dropped() -> None:
+    """A payload nested past the parser's recursion limit gets an error result, not silence."""
+    r, results = router()
+    r.dispatch("ping", b'{"id": "n", "args": ' + b"[" * 100_000 + b"]" * 100_000 + b"}")
+    wait_for(lambda: len(results) == 1)
+    assert results[0]["ok"] is False and "nested too deeply" in results[0]["error"]
+    r.close()
