@@ -42,7 +42,7 @@ from typing import TYPE_CHECKING, Any
 from agent.climate_alarms import ALARMS_FILE, AlarmBook
 from agent.config import AgentConfig
 from agent.errors import ConfigIssue, OutboxError
-from agent.services import BaseService, ServiceContext
+from agent.services import BaseService, ServiceContext, idle_device
 from drivers.sensor.config import parse_rooms, parse_sensor, room_for
 from drivers.sensor.errors import SensorConfigError
 from drivers.sensor.history import History
@@ -416,14 +416,9 @@ class ClimateService(BaseService):
         for entry in self.sensors.values():
             base: dict[str, Any] = {"id": entry.device, "type": "sensor",
                                     "model": entry.model, "room": entry.room, "url": entry.url}
-            if not entry.enabled:
-                out.append({**base, "state": "disabled", "enabled": False, "error": None,
-                            "last_fault": None})
-                continue
-            if entry.poller is None:
-                state = "down" if entry.problem else "starting"
-                out.append({**base, "state": state, "error": entry.problem,
-                            "last_fault": entry.problem, "readings": 0, "invalid": 0})
+            if not entry.enabled or entry.poller is None:
+                out.append(idle_device(base, enabled=entry.enabled, problem=entry.problem,
+                                       readings=0, invalid=0))
                 continue
             snap = entry.poller.snapshot(now)
             with self._counts_lock:

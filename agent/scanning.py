@@ -44,7 +44,7 @@ from agent.config import AgentConfig
 from agent.envelope import encode, iso_ms
 from agent.errors import ConfigIssue, OutboxError
 from agent.scanning_api import ScanFeed
-from agent.services import BaseService, CommandHandler, ServiceContext
+from agent.services import BaseService, CommandHandler, ServiceContext, idle_device
 from drivers.scanner.errors import BadScannerConfig
 from drivers.scanner.parse import Scan
 from drivers.scanner.reader import ScannerReader
@@ -343,14 +343,9 @@ class ScannerService(BaseService):
         out: list[dict[str, Any]] = []
         for entry in self.scanners.values():
             base: dict[str, Any] = {"id": entry.device, "type": "scanner", "url": entry.url}
-            if not entry.enabled:
-                out.append({**base, "state": "disabled", "enabled": False, "error": None,
-                            "last_fault": None})
-                continue
-            if entry.reader is None:
-                state = "down" if entry.problem else "starting"
-                out.append({**base, "state": state, "error": entry.problem,
-                            "last_fault": entry.problem, "scans": 0})
+            if not entry.enabled or entry.reader is None:
+                out.append(idle_device(base, enabled=entry.enabled, problem=entry.problem,
+                                       scans=0))
                 continue
             snap = entry.reader.snapshot()
             by_class: dict[str, dict[str, int]] = {}

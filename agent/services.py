@@ -136,6 +136,20 @@ def config_issues(cfg: AgentConfig) -> list[ConfigIssue]:
     return issues
 
 
+def idle_device(base: dict[str, Any], *, enabled: bool, problem: str | None,
+                **zero_counts: int) -> dict[str, Any]:
+    """The status entry of a device that is not running.
+
+    Disabled in config, or not (yet) open: ``down`` with the problem that keeps
+    it from running, else ``starting``; ``zero_counts`` are the family's counters.
+    """
+    if not enabled:
+        return {**base, "state": "disabled", "enabled": False, "error": None,
+                "last_fault": None}
+    return {**base, "state": "down" if problem else "starting", "error": problem,
+            "last_fault": problem, **zero_counts}
+
+
 def all_devices(services: Iterable[Service]) -> list[dict[str, Any]]:
     devices: list[dict[str, Any]] = []
     for service in services:
