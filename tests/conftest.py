@@ -63,3 +63,16 @@ def pty() -> Iterator[Pty]:
         yield p
     finally:
         p.close()
+
+
+class FakeClock:
+    """A clock the test moves by hand: pass it where code takes ``clock=``."""
+
+    def __init__(self, now: float) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds

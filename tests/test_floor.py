@@ -5,7 +5,6 @@ from __future__ import annotations
 import io
 import json
 import sqlite3
-import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -21,7 +20,7 @@ from agent.localbroker import Broker
 from agent.outbox import Outbox
 from agent.uplink import Uplink, with_floor
 from tests.conftest import wait_for
-from tests.test_hq import SITE, envelope, envelope_bytes, hq_config, kinds_of
+from tests.test_hq import SITE, envelope, envelope_bytes, hq_config, kinds_of, running
 from tests.test_uplink import SITE as AGENT_SITE
 from tests.test_uplink import Hq, config, depth, submit
 
@@ -33,21 +32,6 @@ def store_at(path: Path) -> Iterator[SqliteStore]:
         yield store
     finally:
         store.close()
-
-
-@contextmanager
-def receiving(cfg: Any) -> Iterator[HqReceiver]:
-    """A real HqReceiver in its own thread, subscribed, until the block ends."""
-    rx = HqReceiver(cfg)
-    stop = threading.Event()
-    thread = threading.Thread(target=rx.run, args=(stop,), name="hq-receiver", daemon=True)
-    thread.start()
-    try:
-        assert rx.subscribed.wait(10), "the receiver never got its subscription"
-        yield rx
-    finally:
-        stop.set()
-        thread.join(10)
 
 
 @contextmanager
@@ -162,7 +146,7 @@ def test_the_receiver_acks_a_floor_event_over_mqtt(broker: Broker, tmp_path: Pat
     site = Site(broker.port)
     site.listen_acks()
     try:
-        with receiving(hq_config(broker.port, tmp_path / "hq.db")) as rx:
+        with running(HqReceiver(hq_config(broker.port, tmp_path / "hq.db"))) as rx:
             site.publish(envelope_bytes(42, floor=41))
             wait_for(lambda: site.upto() == 42, what="the ack of 42")
             assert kinds_of(rx.store.report())["sale"]["skipped"] == [[1, 41]]
@@ -181,14 +165,14 @@ def test_a_fresh_hq_store_drains_an_outbox_acked_by_another(broker: Broker,
     try:
         cfg = config(broker.port, ack_timeout_s=0.5)
         submit(outbox, "sale", 100)
-        with receiving(hq_config(broker.port, tmp_path / "a.db")) as rx_a, \
+        with running(HqReceiver(hq_config(broker.port, tmp_path / "a.db"))) as rx_a, \
                 uplink(cfg, outbox):
             wait_for(lambda: depth(outbox, "sale") == 0, timeout=20, what="store A acks 1..100")
             assert rx_a.store.watermarks() == {(AGENT_SITE, "sale"): 100}
         submit(outbox, "sale", 50, start=100)
         assert outbox.stats()["sale"].first_seq == 101
         # The same HQ receiver identity, restarted on a new database.
-        with receiving(hq_config(broker.port, tmp_path / "b.db")) as rx_b, \
+        with running(HqReceiver(hq_config(broker.port, tmp_path / "b.db"))) as rx_b, \
                 uplink(cfg, outbox) as up:
             wait_for(lambda: depth(outbox, "sale") == 0, timeout=20, what="store B acks 101..150")
             assert rx_b.store.watermarks() == {(AGENT_SITE, "sale"): 150}
@@ -232,7 +216,7 @@ def test_a_resent_oldest_event_carries_the_floor_and_the_stored_bytes(
             assert published.pop("floor") == 2 and published == original
             assert {raw for seq, raw in copies() if seq == 3} <= {stored[3], floored}
             assert all(raw == stored[seq] for seq, raw in copies() if seq != 3)
-            with receiving(hq_config(broker.port, tmp_path / "fresh.db")) as rx:
+            with running(HqReceiver(hq_config(broker.port, tmp_path / "fresh.db"))) as rx:
                 wait_for(lambda: depth(outbox, "sale") == 0, timeout=20, what="fresh store acks")
                 assert rx.store.watermarks() == {(AGENT_SITE, "sale"): 5}
                 assert kinds_of(rx.store.report(), AGENT_SITE)["sale"]["skipped"] == [[1, 2]]

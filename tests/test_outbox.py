@@ -23,18 +23,10 @@ from agent.errors import DiskFull, EventTooLarge, OutboxError, OutboxFull
 from agent.outbox import Accepted, Outbox
 from agent.outbox.seqmark import SEQMARK_NAME
 from agent.outbox.store import DB_NAME, MAX_EVENT_BYTES
-from tests.conftest import wait_for
+from tests.conftest import FakeClock, wait_for
 
 SITE = "test-site"
 T0 = 1_794_999_960.0  # 2026-11-18T11:06:00Z, the start of a UTC minute
-
-
-class FakeClock:
-    def __init__(self, now: float = T0) -> None:
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
 
 
 OpenOutbox = Callable[..., Outbox]
@@ -126,7 +118,7 @@ def test_seq_is_per_kind_contiguous_and_survives_reopen(open_outbox: OpenOutbox,
 
 def test_envelope_fields_and_read_ranges(open_outbox: OpenOutbox) -> None:
     """read() returns (seq, envelope bytes) with seq > after_seq ascending, up to limit."""
-    clock = FakeClock()
+    clock = FakeClock(T0)
     ob = open_outbox(clock=clock)
     for i in range(10):
         ob.submit("scan", json.dumps({"code": f"C{i}"}), "scanner-1").result(5)
@@ -231,7 +223,7 @@ def test_a_big_ack_deletes_in_chunks_between_other_work(open_outbox: OpenOutbox,
 def test_stats_depth_bytes_and_oldest(open_outbox: OpenOutbox, tmp_path: Path) -> None:
     """stats() tracks depth, bytes, oldest accepted time and seq range per kind, and agrees
     with a fresh open (SQL aggregates) after reopen."""
-    clock = FakeClock()
+    clock = FakeClock(T0)
     ob = open_outbox(clock=clock)
     for i in range(5):
         clock.now = T0 + i
@@ -266,7 +258,7 @@ def test_max_bytes_refuses_sales_after_thinning_unpublished_sensor_readings(
     """At max_bytes, sensor readings never published are folded into per-minute aggregates
     (seq_end, stats) to make room; when nothing is left to fold, sales are refused with
     OutboxFull, state "full", an alarm condition, and alarm events still fit in the headroom."""
-    clock = FakeClock()
+    clock = FakeClock(T0)
     ob = open_outbox(clock=clock, max_bytes=1 << 16)
     fill_sensor_minutes(ob, clock, minutes=10, per_minute=12)  # 120 readings, ~19 KB
     published = 24  # the first two minutes went out already: never thinned
@@ -319,7 +311,7 @@ def test_sensor_readings_at_the_cap_thin_older_ones_instead_of_being_refused(
         open_outbox: OpenOutbox) -> None:
     """A sensor reading arriving at max_bytes folds older unpublished readings and is
     accepted; the outbox stays under the cap while minutes of readings keep coming."""
-    clock = FakeClock()
+    clock = FakeClock(T0)
     ob = open_outbox(clock=clock, max_bytes=1 << 16)
     fill_sensor_minutes(ob, clock, minutes=60, per_minute=12)  # ~180 KB of raw readings
     assert ob.counters["refused_full"] == 0
@@ -352,7 +344,7 @@ def test_idempotency_answers_expire(open_outbox: OpenOutbox,
 def test_mark_published_waits_for_a_thinning_transaction(open_outbox: OpenOutbox) -> None:
     """mark_published() returns only after an open thinning transaction committed, so the
     uplink's next read sees the aggregate instead of raw readings it replaced."""
-    clock = FakeClock()
+    clock = FakeClock(T0)
     ob = open_outbox(clock=clock, max_bytes=1 << 16)
     fill_sensor_minutes(ob, clock, minutes=20, per_minute=12)
     folding, release = threading.Event(), threading.Event()

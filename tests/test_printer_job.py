@@ -21,7 +21,7 @@ from drivers.printer import (
     render_label,
     render_receipt,
 )
-from tests.conftest import wait_for
+from tests.conftest import FakeClock, wait_for
 from tests.printer_fakes import (
     LABEL,
     LABEL_OPTIONS,
@@ -39,23 +39,10 @@ LABEL_ZPL = render_label(LABEL, LabelOptions(**LABEL_OPTIONS))
 LABEL_DOC = LABEL_ZPL.rstrip(b"\n")  # what the ZPL printer counts as one format: ^XA..^XZ
 
 
-class FakeClock:
-    """A clock the test moves by hand."""
-
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
-
-    def advance(self, seconds: float) -> None:
-        self.now += seconds
-
-
 @pytest.fixture
 def clock() -> FakeClock:
     """A hand-moved clock for the queue."""
-    return FakeClock()
+    return FakeClock(1000.0)
 
 
 def queue_for(fake: FakePrinter | str, kind: str, clock: FakeClock, **kw: object) -> PrintQueue:

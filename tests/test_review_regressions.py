@@ -21,20 +21,12 @@ from agent.hq.store import SqliteStore
 from agent.localbroker import Broker
 from agent.outbox import Outbox
 from agent.outbox.store import DB_NAME
-from tests.conftest import wait_for
+from tests.conftest import FakeClock, wait_for
 from tests.test_hq import Site, envelope, envelope_bytes, hq_config
 
 REPO = Path(__file__).resolve().parent.parent
 SITE = "co-test-01"
 T0 = 1_794_999_960.0  # 2026-11-18T11:06:00Z, the start of a UTC minute
-
-
-class FakeClock:
-    def __init__(self, now: float = T0) -> None:
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
 
 
 def reading(value: float) -> str:
@@ -95,7 +87,7 @@ def test_an_aggregate_carries_the_lost_range_of_the_reading_it_replaces(tmp_path
     """After a corrupt-outbox reset, thinning the first sensor reading (which declares
     "lost") keeps the declaration on the aggregate, so HQ's watermark passes the range."""
     path = tmp_path / "outbox"
-    clock = FakeClock()
+    clock = FakeClock(T0)
     ob = Outbox(str(path), SITE, max_bytes=1 << 30, ballast_bytes=0, clock=clock)
     ob.open()
     for i in range(5):
