@@ -50,7 +50,6 @@ def _positive(value: float) -> float:
 
 
 Port = Annotated[int, AfterValidator(_port)]
-PositiveInt = Annotated[int, AfterValidator(_positive)]
 PositiveFloat = Annotated[float, AfterValidator(_positive)]
 
 

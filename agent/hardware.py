@@ -17,7 +17,7 @@ SCANNER_VENDORS = {"0c2e": "Honeywell", "05e0": "Zebra (Symbol)", "05f9": "Datal
                    "1eab": "Newland", "0536": "Hand Held Products"}
 PRINTER_VENDORS = {"04b8": "Epson", "0a5f": "Zebra", "0519": "Star Micronics",
                    "0dd4": "Custom", "1504": "Bixolon", "154f": "SNBC"}
-USB_CLASS_HID, USB_CLASS_PRINTER, USB_CLASS_CDC = "03", "07", "02"
+USB_CLASS_PRINTER = "07"
 
 
 @dataclass(frozen=True)

@@ -415,8 +415,3 @@ class HqReceiver:
         self.subscribed.clear()
         if self._owns_store:
             self.store.close()
-
-
-def run_receiver(cfg: HqReceiverConfig, stop_event: threading.Event) -> None:
-    """``edge-agent hq``: run one receiver until ``stop_event`` is set."""
-    HqReceiver(cfg).run(stop_event)

@@ -18,7 +18,7 @@ from __future__ import annotations
 import sqlite3
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -155,10 +155,6 @@ class History:
             if acc is None:
                 acc = self._pending[(reading.device, minute)] = _Acc()
             acc.add(reading)
-
-    def add_many(self, readings: Iterable[Reading]) -> None:
-        for reading in readings:
-            self.add(reading)
 
     def flush(self, now: float | None = None, *, everything: bool = False) -> int:
         """Write the minutes that are over (all with ``everything``) and prune; rows written."""
