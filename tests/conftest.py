@@ -1,7 +1,8 @@
-"""Fixtures shared by the suite: a private mosquitto per test, polling waits."""
+"""Fixtures shared by the suite: private mosquitto and PostgreSQL servers, polling waits."""
 
 from __future__ import annotations
 
+import itertools
 import os
 import time
 from collections.abc import Callable, Iterator
@@ -10,6 +11,7 @@ from typing import TypeVar
 import pytest
 
 from agent.localbroker import Broker, start_broker
+from agent.localpg import PgServer, start_pg
 
 T = TypeVar("T")
 
@@ -76,3 +78,22 @@ class FakeClock:
 
     def advance(self, seconds: float) -> None:
         self.now += seconds
+
+
+@pytest.fixture(scope="session")
+def pg_server() -> Iterator[PgServer]:
+    """One private PostgreSQL for the session (initdb in a temp dir, free port, non-root)."""
+    server = start_pg()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+_pg_databases = itertools.count(1)
+
+
+@pytest.fixture
+def pg_url(pg_server: PgServer) -> str:
+    """A fresh, empty database on the session's private PostgreSQL."""
+    return pg_server.create_database(f"t{next(_pg_databases)}_{os.getpid()}")

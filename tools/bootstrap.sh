@@ -2,7 +2,8 @@
 # Set up everything the demo, the tests and bench/ need, on a fresh machine or
 # an old one: Python >= 3.11 with venv, ./.venv with edge-agent installed in
 # editable mode (plus the test extras), and the system tools the tests drive
-# (mosquitto, mosquitto_pub, openssl, systemd-analyze, socat, node, chromium).
+# (mosquitto, mosquitto_pub, openssl, systemd-analyze, socat, node, chromium,
+# PostgreSQL's server binaries).
 #
 # Idempotent: a second run checks and does nothing. As root on Debian/Ubuntu
 # it installs missing system packages with apt-get; otherwise it prints the
@@ -112,6 +113,21 @@ done
 for entry in "${SYSTEM_FILES[@]}"; do
     [ -e "${entry%%:*}" ] || missing+=("${entry#*:}")
 done
+# PostgreSQL's server binaries, for the HQ store tests (agent/localpg.py runs its
+# own initdb on a free port). Debian's package would also create and start a
+# "main" cluster on 5432; a createcluster.d file stops that, since this script
+# never starts a service. Only when the server is not installed yet.
+if ! compgen -G "/usr/lib/postgresql/*/bin/postgres" >/dev/null; then
+    if [ "$(id -u)" -eq 0 ] && [ -d /etc ]; then
+        mkdir -p /etc/postgresql-common/createcluster.d
+        if [ ! -e /etc/postgresql-common/createcluster.d/edge-agent.conf ]; then
+            printf '%s\n' "# tools/bootstrap.sh (edge-agent): no default cluster; tests run their own" \
+                "create_main_cluster = false" \
+                >/etc/postgresql-common/createcluster.d/edge-agent.conf
+        fi
+    fi
+    missing+=(postgresql)
+fi
 PY=""
 if ! venv_ok; then
     if ! PY=$(find_python); then
@@ -176,4 +192,4 @@ if [ ! -d "$ZPL_DIR/node_modules/zpl-renderer-js" ]; then
         zpl-renderer-js@3.4.0 </dev/null >&2 || die "npm install zpl-renderer-js failed"
 fi
 
-log "ready: $("$VENV/bin/python" --version 2>&1) in .venv; mosquitto, openssl, systemd-analyze, socat, node, chromium present"
+log "ready: $("$VENV/bin/python" --version 2>&1) in .venv; mosquitto, openssl, systemd-analyze, socat, node, chromium, postgresql present"
