@@ -55,6 +55,19 @@ def _parser() -> argparse.ArgumentParser:
     report.add_argument("--site", help="only this site")
     report.add_argument("--since", help="only events since this date (ISO 8601)")
     report.add_argument("--json", action="store_true")
+    fleet = hsub.add_parser("fleet", parents=[common],
+                            help="one row per site: online/offline/silent/never-seen, backlog, "
+                                 "devices down, alarms")
+    fleet.add_argument("--json", action="store_true")
+    send = hsub.add_parser("send", parents=[common],
+                           help="send P/commands/NAME to a site and print its result")
+    send.add_argument("name", metavar="NAME", help="the command, e.g. catalog-put")
+    send.add_argument("--site", required=True, help="the site's id")
+    send_args = send.add_mutually_exclusive_group(required=True)
+    send_args.add_argument("--args", help="the command's args, a JSON object")
+    send_args.add_argument("--args-file", help="a file holding the args JSON object")
+    send.add_argument("--timeout", type=float, default=15.0,
+                      help="seconds to wait for the result (default 15)")
 
     preview = sub.add_parser("print-preview", parents=[common],
                              help="render a receipt or label to a PNG file, printing nothing")
@@ -240,17 +253,30 @@ def _hq(path: str, args: argparse.Namespace) -> int:
         from agent.hq.report import report_main
 
         return report_main(cfg, args.site, args.since, args.json)
+    if args.action == "fleet":
+        from agent.hq.fleet_cli import fleet_main
+
+        return fleet_main(cfg, args.json)
+    if args.action == "send":
+        from agent.hq.fleet_cli import send_main
+
+        return send_main(cfg, args.name, args.site, args.args, args.args_file,
+                         timeout=args.timeout)
     import signal
 
     from agent import sdnotify
+    from agent.hq.metrics import HqMetrics
     from agent.hq.receiver import HqReceiver
+    from agent.hq.web import start_web
 
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
-    receiver = HqReceiver(cfg)
+    metrics = HqMetrics()
+    receiver = HqReceiver(cfg, metrics=metrics)
     worker = threading.Thread(target=receiver.run, args=(stop,), name="hq-receiver")
     worker.start()
+    web = start_web(cfg, receiver, metrics)
     # systemd: READY=1 once subscribed; watchdog pings only while the receiver runs.
     interval = sdnotify.watchdog_interval()
     announced = False
@@ -263,6 +289,8 @@ def _hq(path: str, args: argparse.Namespace) -> int:
         stop.wait(min(0.2 if not announced else 1.0, interval / 2 if interval else 1.0))
     sdnotify.stopping()
     stop.set()
+    if web is not None:
+        web.stop()
     worker.join(10)
     return EXIT_OK
 

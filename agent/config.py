@@ -57,29 +57,31 @@ class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+def _site_id(value: str) -> str:
+    if not SITE_ID_RE.match(value):
+        raise ValueError("must match [a-z0-9-]{1,64} (it is used in every MQTT topic)")
+    return value
+
+
+def _timezone(value: str) -> str:
+    from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+    try:
+        ZoneInfo(value)
+    except (ZoneInfoNotFoundError, ValueError):
+        raise ValueError(f"unknown time zone {value!r} (use an IANA name such as "
+                         "'America/Denver')") from None
+    return value
+
+
+SiteId = Annotated[str, AfterValidator(_site_id)]
+TimeZone = Annotated[str, AfterValidator(_timezone)]
+
+
 class SiteConfig(_Section):
-    id: str
+    id: SiteId
     name: str = ""
-    timezone: str = "UTC"
-
-    @field_validator("id")
-    @classmethod
-    def _site_id(cls, value: str) -> str:
-        if not SITE_ID_RE.match(value):
-            raise ValueError("must match [a-z0-9-]{1,64} (it is used in every MQTT topic)")
-        return value
-
-    @field_validator("timezone")
-    @classmethod
-    def _timezone(cls, value: str) -> str:
-        from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
-
-        try:
-            ZoneInfo(value)
-        except (ZoneInfoNotFoundError, ValueError):
-            raise ValueError(f"unknown time zone {value!r} (use an IANA name such as "
-                             "'America/Denver')") from None
-        return value
+    timezone: TimeZone = "UTC"
 
 
 class MqttConfig(_Section):
@@ -123,6 +125,12 @@ class MqttConfig(_Section):
         if self.password_file:
             return Path(self.password_file).read_text(encoding="utf-8").strip()
         return self.password
+
+
+def _nonneg(value: float) -> float:
+    if value < 0:
+        raise ValueError("must be 0 or more")
+    return value
 
 
 def _range(value: int, low: int, high: int) -> int:
@@ -172,11 +180,52 @@ class DeviceConfig(BaseModel):
         return value
 
 
+US_STATE_RE = re.compile(r"^[A-Z]{2}$")
+
+
+class HqSiteConfig(_Section):
+    """One ``[[hq.sites]]`` entry: a site HQ expects to hear from (CONTRACT 8)."""
+
+    id: SiteId
+    name: str = ""
+    state: str = ""
+    license_number: str = ""
+    timezone: TimeZone = "UTC"
+
+    @field_validator("state")
+    @classmethod
+    def _state(cls, value: str) -> str:
+        if value and not US_STATE_RE.match(value):
+            raise ValueError("must be a two-letter US state code such as 'CO'")
+        return value
+
+
 class HqConfig(_Section):
     store: str = "sqlite:///var/lib/edge-agent-hq/hq.db"
+    # Empty: each receiver makes a unique one (edge-hq-<hostname>-<random>).
     client_id: str = ""
     share_group: str = "hq"
     batch_max: Annotated[int, AfterValidator(lambda v: _range(v, 1, 100_000))] = 1000
+    sites: list[HqSiteConfig] = Field(default_factory=list)
+    # The fleet (agent/hq/fleet.py): a site that is online but sends no P/health
+    # for silent_after_intervals * health_interval_s is "silent".
+    health_interval_s: PositiveFloat = 30.0
+    silent_after_intervals: PositiveFloat = 3.0
+    # The HQ page and its JSON API (agent/hq/web.py); http_port 0 turns it off.
+    http_bind: str = "127.0.0.1"
+    http_port: Annotated[int, AfterValidator(lambda v: _range(v, 0, 65535))] = 8788
+    tokens_file: str = "/etc/edge-agent-hq/tokens"
+    # Opt-in: delete stored events older than this (agent/hq/retention.py); 0 keeps all.
+    retention_days: Annotated[float, AfterValidator(lambda v: _nonneg(v))] = 0.0
+
+    @model_validator(mode="after")
+    def _unique_sites(self) -> HqConfig:
+        seen: set[str] = set()
+        for entry in self.sites:
+            if entry.id in seen:
+                raise ValueError(f"site id {entry.id!r} is registered twice in [[hq.sites]]")
+            seen.add(entry.id)
+        return self
 
     @field_validator("store")
     @classmethod
@@ -248,10 +297,13 @@ class HqReceiverConfig(_Settings):
 
     mqtt: MqttConfig = Field(default_factory=MqttConfig)
     hq: HqConfig = Field(default_factory=HqConfig)
+    # report_within_h: the deadline the HQ page measures unsent sales against.
+    compliance: ComplianceConfig = Field(default_factory=ComplianceConfig)
 
     @property
     def client_id(self) -> str:
-        return self.hq.client_id or self.mqtt.client_id or "edge-hq"
+        """The configured client id; empty means each receiver makes its own."""
+        return self.hq.client_id or self.mqtt.client_id
 
 
 _S = TypeVar("_S", bound=_Settings)

@@ -33,7 +33,8 @@ class CommandTimeout(AgentError):
 
 def send_command(host: str, port: int, topic_root: str, name: str, args: dict[str, Any], *,
                  command_id: str | None = None, timeout: float = 15.0,
-                 resend_s: float = RESEND_S, tls: Any = None) -> dict[str, Any]:
+                 resend_s: float = RESEND_S, tls: Any = None,
+                 auth: tuple[str, str] | None = None) -> dict[str, Any]:
     """Publish a command and return its result ``{"id", "ok", "result", "error"}``.
 
     ``topic_root`` is ``P`` (``{topic_prefix}/{site.id}``); ``tls`` a
@@ -61,6 +62,8 @@ def send_command(host: str, port: int, topic_root: str, name: str, args: dict[st
     client.on_subscribe = on_subscribe
     if tls is not None:
         client.tls_set(ca_certs=tls.ca, certfile=tls.client_cert, keyfile=tls.client_key)
+    if auth is not None:
+        client.username_pw_set(auth[0], auth[1] or None)
     deadline = time.monotonic() + timeout
     try:
         client.connect(host, port, keepalive=10)

@@ -13,9 +13,21 @@ that thread, in that order:
 4. each changed watermark is acked to the agent on ``P/acks`` (QoS 1).
 
 Any number of receivers share the load through the shared subscription
-``$share/{group}/{prefix}/+/events/#``. Each needs its own stable client id
-(``[hq] client_id``): the broker keeps a session per id (``clean_start`` off,
-a session expiry), which is what makes a restart lossless.
+``$share/{group}/{prefix}/+/events/#``. Each has its own client id: the one
+set in ``[hq] client_id``, with a persistent session (``clean_start`` off, a
+week's expiry) so a restart finds the messages queued for it; else a unique
+one made at start (``edge-hq-<hostname>-<random>``) with a clean start and a
+short expiry, since no later process will ever resume that session (and a
+session left in the share group would keep taking its share while nobody
+reads it). Either way a receiver killed mid-stream loses nothing: what it had
+not stored it never acked, so the agents resend it after ``ack_timeout_s``.
+Two receivers given one client id knock each other off; the broker says so
+("session taken over") and the receiver logs it once, as that.
+
+The fleet (agent/hq/fleet.py): every receiver also subscribes ``P/status``
+(plainly: a shared subscription gets no retained messages) and, through the
+share group, ``P/health``; each batch's fleet messages are written to the
+fleet store after the events.
 """
 
 from __future__ import annotations
@@ -23,7 +35,9 @@ from __future__ import annotations
 import json
 import logging
 import random
+import secrets
 import select
+import socket
 import ssl
 import threading
 import time
@@ -39,6 +53,14 @@ from paho.mqtt.reasoncodes import ReasonCode
 from agent.config import HqReceiverConfig
 from agent.envelope import decode
 from agent.errors import AgentError
+from agent.hq.fleet import (
+    FleetStore,
+    HealthMessage,
+    StatusMessage,
+    parse_health,
+    parse_status,
+    topic_site,
+)
 from agent.hq.store import EventRow, Pair, Store, StoreError, event_row, open_store
 
 log = logging.getLogger(__name__)
@@ -48,12 +70,24 @@ IDLE_WAIT_S = 0.1            # longest select(); bounds how late a stop is seen
 REPUBLISH_INTERVAL_S = 1.0   # re-send the watermark of recently active pairs this often
 REPUBLISH_WINDOW_S = 5.0     # "recently": a message for the pair within this many seconds
 SESSION_EXPIRY_S = 7 * 24 * 3600  # the broker keeps our queue this long while we are away
+# A made-up client id's session: long enough to resume across a network blip,
+# short enough that a dead receiver's session soon leaves the share group.
+AUTO_SESSION_EXPIRY_S = 30
+SESSION_TAKEN_OVER = 0x8E         # MQTT 5 disconnect reason: another client took our id
+FLAP_WINDOW_S = 60.0              # accepted-then-dropped connections counted over this long
+FLAP_COUNT = 3                    # this many in the window: another client has our id
 MALFORMED_LOG_INTERVAL_S = 60.0   # at most one WARNING line per interval; the rest at DEBUG
 STOP_FLUSH_S = 2.0           # how long a stop waits for the last packets to leave
 
 
 class ReceiverError(AgentError):
     """The HQ receiver cannot be set up (TLS files, password file)."""
+
+
+def auto_client_id() -> str:
+    """A client id no other receiver has: ``edge-hq-<hostname>-<8 hex>`` (<= 64 chars)."""
+    host = "".join(c if c.isalnum() or c == "-" else "-" for c in socket.gethostname())
+    return f"edge-hq-{host[:40] or 'host'}-{secrets.token_hex(4)}"
 
 
 def _backoff(attempt: int, low: float, high: float, rand: Callable[[], float]) -> float:
@@ -71,18 +105,34 @@ class HqReceiver:
     """
 
     def __init__(self, cfg: HqReceiverConfig, *, store: Store | None = None,
+                 fleet: FleetStore | None = None, metrics: Any = None,
                  rand: Callable[[], float] = random.random) -> None:
         self.cfg = cfg
+        self.client_id = cfg.client_id or auto_client_id()
+        self._persistent = bool(cfg.client_id)
         # The client first: bad TLS files must not leave a store open behind them.
         self._client = self._make_client()
         self._owns_store = store is None
         self.store: Store = store if store is not None else open_store(cfg.hq.store)
+        self._owns_fleet = fleet is None
+        self.fleet: FleetStore | None = fleet if fleet is not None else self._open_fleet()
+        self.metrics = metrics  # agent.hq.metrics.HqMetrics, or None
         self._rand = rand
         self._prefix = cfg.mqtt.topic_prefix
         self.topic = f"$share/{cfg.hq.share_group}/{self._prefix}/+/events/#"
+        self.fleet_topics = [(f"{self._prefix}/+/status", 1),
+                             (f"$share/{cfg.hq.share_group}/{self._prefix}/+/health", 0)]
         self.counters: dict[str, int] = dict.fromkeys(
             ("received", "stored", "duplicates", "malformed", "acks_sent", "connects",
-             "store_failures"), 0)
+             "store_failures", "taken_over", "fleet_messages", "fleet_malformed",
+             "fleet_failures"), 0)
+        self._fleet_batch: list[StatusMessage | HealthMessage] = []
+        self._takeover_logged = False
+        self._taken_over = False
+        self._flapping = False
+        self._drops: list[float] = []
+        self._connected_at = 0.0
+        self._lost_warned_at = -FLAP_WINDOW_S
         self.subscribed = threading.Event()
         # The batch of the current read burst: PUBACK ids in arrival order (the
         # broker expects PUBACKs in that order) and the well-formed envelopes.
@@ -99,15 +149,24 @@ class HqReceiver:
 
     # -- setup -----------------------------------------------------------
 
+    def _open_fleet(self) -> FleetStore | None:
+        from agent.hq.fleet_store import open_fleet_store
+
+        try:
+            return open_fleet_store(self.cfg.hq.store)
+        except StoreError as exc:
+            log.warning("hq receiver: no fleet state: %s", exc)
+            return None
+
     def _make_client(self) -> mqtt.Client:
         m = self.cfg.mqtt
         v5 = m.protocol == "5"
         client = mqtt.Client(
             callback_api_version=CallbackAPIVersion.VERSION2,
-            client_id=self.cfg.client_id,
+            client_id=self.client_id,
             protocol=mqtt.MQTTv5 if v5 else mqtt.MQTTv311,
             # 3.1.1 has no session expiry: a persistent session is clean_session=False.
-            clean_session=None if v5 else False,
+            clean_session=None if v5 else not self._persistent,
             manual_ack=True,
             reconnect_on_failure=False,
         )
@@ -142,30 +201,50 @@ class HqReceiver:
             self._drop_reason = f"broker {self._host} refused the connection: {reason_code}"
             return
         self._connack_ok = True
+        self._connected_at = time.monotonic()
         self.counters["connects"] += 1
         log.info("hq receiver connected to %s:%d as %s (session present: %s)", self._host,
-                 self.cfg.mqtt.port, self.cfg.client_id, bool(flags.session_present))
-        client.subscribe(self.topic, qos=1)
+                 self.cfg.mqtt.port, self.client_id, bool(flags.session_present))
+        client.subscribe([(self.topic, 1), *self.fleet_topics])
 
     def _on_subscribe(self, client: mqtt.Client, userdata: Any, mid: int,
                       reason_codes: list[ReasonCode], properties: Properties | None) -> None:
-        failed = [rc for rc in reason_codes if rc.is_failure]
-        if failed:
-            self._drop_reason = (f"broker refused the subscription {self.topic!r}: {failed[0]} "
+        if not reason_codes or reason_codes[0].is_failure:
+            code = reason_codes[0] if reason_codes else "no reason code"
+            self._drop_reason = (f"broker refused the subscription {self.topic!r}: {code} "
                                  "(check the broker's ACL for this client)")
             return
+        for (topic, _), rc in zip(self.fleet_topics, reason_codes[1:], strict=False):
+            if rc.is_failure:  # events still flow: the fleet view is what is missing
+                log.warning("hq receiver: broker refused the subscription %r: %s; the fleet "
+                            "view will lack it (check the broker's ACL)", topic, rc)
         self.subscribed.set()
 
     def _on_disconnect(self, client: mqtt.Client, userdata: Any, flags: Any,
                        reason_code: ReasonCode, properties: Properties | None) -> None:
         self.subscribed.clear()
+        if reason_code == SESSION_TAKEN_OVER:
+            self._taken_over = True
+            self.counters["taken_over"] += 1
+            self._drop_reason = (f"another client connected with this receiver's client id "
+                                 f"{self.client_id!r} (session taken over)")
+            if not self._takeover_logged:
+                self._takeover_logged = True
+                log.error("hq receiver: another client connected with our client id %r and "
+                          "the broker disconnected us (session taken over). Two receivers "
+                          "with one id knock each other off in a loop: give each its own "
+                          "[hq] client_id, or leave it empty for a unique one. Further "
+                          "takeovers are logged at DEBUG.", self.client_id)
 
     def _on_message(self, client: mqtt.Client, userdata: Any,
                     message: mqtt.MQTTMessage) -> None:
         # Decode only: storing is per batch, after the read burst.
-        self.counters["received"] += 1
         if message.qos > 0:
             self._mids.append(message.mid)
+        if message.topic.endswith(("/status", "/health")):
+            self._on_fleet(message.topic, bytes(message.payload))
+            return
+        self.counters["received"] += 1
         try:
             self._envelopes.append(self.parse(message.topic, bytes(message.payload)))
         except ValueError as exc:
@@ -189,14 +268,33 @@ class HqReceiver:
                              f"topic's {rest[0]}/{rest[2]}")
         return row
 
-    def _malformed(self, topic: str, reason: str) -> None:
-        self.counters["malformed"] += 1
+    def _on_fleet(self, topic: str, payload: bytes) -> None:
+        """A ``P/status`` or ``P/health`` message: parsed now, stored with the batch."""
+        self.counters["fleet_messages"] += 1
+        try:
+            site = topic_site(self._prefix, topic, "status")
+            if site is not None:
+                self._fleet_batch.append(parse_status(site, payload))
+                return
+            site = topic_site(self._prefix, topic, "health")
+            if site is not None:
+                self._fleet_batch.append(parse_health(site, payload))
+                return
+            raise ValueError("topic is not {prefix}/{site}/status or /health")
+        except ValueError as exc:
+            self.counters["fleet_malformed"] += 1
+            self._malformed(topic, str(exc), counter=None)
+
+    def _malformed(self, topic: str, reason: str, counter: str | None = "malformed") -> None:
+        if counter is not None:
+            self.counters[counter] += 1
         now = time.monotonic()
         if now - self._malformed_logged_at >= MALFORMED_LOG_INTERVAL_S:
             self._malformed_logged_at = now
             log.warning("dropped a malformed message on %s: %s (%d dropped since start; "
                         "more within %.0fs are logged at DEBUG)", topic, reason,
-                        self.counters["malformed"], MALFORMED_LOG_INTERVAL_S)
+                        self.counters["malformed"] + self.counters["fleet_malformed"],
+                        MALFORMED_LOG_INTERVAL_S)
         else:
             log.debug("dropped a malformed message on %s: %s", topic, reason)
 
@@ -217,13 +315,16 @@ class HqReceiver:
                     error = self._drop_reason
                     if self._connack_ok:  # it worked for a while: start the backoff afresh
                         attempt = 0
-                        warned = False
+                        warned = self._dropped_again(stop)
                 if stop.is_set():
                     break
                 if not self._connack_ok:
                     host_index += 1  # failover: this host did not take us
                 reason = error or f"lost the connection to {self._host}"
-                if not warned:
+                if self._taken_over or self._flapping:
+                    # Already said, once and as what it is (_on_disconnect, _dropped_again).
+                    log.debug("hq receiver: %s", reason)
+                elif not warned:
                     warned = True
                     log.warning("hq receiver: %s; retrying (%d host(s))", reason, len(m.hosts))
                 else:
@@ -233,17 +334,58 @@ class HqReceiver:
         finally:
             self._shutdown()
 
+    def _dropped_again(self, stop: threading.Event) -> bool:
+        """Note a dropped connection that had been accepted; whether the drop is already
+        said (so the caller logs it at DEBUG).
+
+        A broker that takes a client id over tells the old client so (DISCONNECT
+        0x8E, handled in ``_on_disconnect``), but some (mosquitto 2.0) just close
+        its socket. Connections accepted and then closed by the broker again and
+        again, FLAP_COUNT times within FLAP_WINDOW_S, are said once as what they
+        almost always are: another receiver with this client id.
+        """
+        if stop.is_set():
+            return True
+        now = time.monotonic()
+        if self._flapping and now - self._connected_at > FLAP_WINDOW_S:
+            self._flapping = False  # that connection lasted: a later drop is news again
+        self._drops = [t for t in self._drops if now - t <= FLAP_WINDOW_S] + [now]
+        if self._taken_over or self._flapping:
+            return True
+        if len(self._drops) >= FLAP_COUNT:
+            self._flapping = True
+            self.counters["taken_over"] += 1
+            if not self._takeover_logged:
+                self._takeover_logged = True
+                log.error("hq receiver: the broker closed our connection %d times within %.0fs "
+                          "right after accepting it: most likely another client connects with "
+                          "our client id %r (session taken over). Two receivers with one id "
+                          "knock each other off in a loop: give each its own [hq] client_id, "
+                          "or leave it empty for a unique one.", len(self._drops),
+                          FLAP_WINDOW_S, self.client_id)
+            return True
+        # A single drop is worth one WARNING per FLAP_WINDOW_S, not one per reconnect.
+        if now - self._lost_warned_at < FLAP_WINDOW_S:
+            return True
+        self._lost_warned_at = now
+        return False
+
     def _connect(self) -> str | None:
         """Open a connection to the current host; the error text if that failed."""
         m = self.cfg.mqtt
         self._connack_ok = False
         self._drop_reason = None
+        self._taken_over = False
         self._mids.clear()  # ids of an old connection mean nothing on a new one
         try:
             if m.protocol == "5":
                 props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
-                props.SessionExpiryInterval = SESSION_EXPIRY_S
-                self._client.connect(self._host, m.port, m.keepalive_s, clean_start=False,
+                props.SessionExpiryInterval = (SESSION_EXPIRY_S if self._persistent
+                                               else AUTO_SESSION_EXPIRY_S)
+                # A made-up id is resumed only by this process: a clean start the
+                # first time, the session on a reconnect.
+                clean = not self._persistent and self.counters["connects"] == 0
+                self._client.connect(self._host, m.port, m.keepalive_s, clean_start=clean,
                                      properties=props)
             else:
                 self._client.connect(self._host, m.port, m.keepalive_s)
@@ -274,7 +416,7 @@ class HqReceiver:
                 readable = bool(r)
             if readable and not self._read_burst(sock):
                 break
-            if self._mids or self._envelopes:
+            if self._mids or self._envelopes or self._fleet_batch:
                 try:
                     self._flush()
                 except StoreError as exc:
@@ -324,7 +466,10 @@ class HqReceiver:
         marks: dict[Pair, int] = {}
         if envelopes:
             before = dict(self.store.counters)
+            started = time.perf_counter()
             marks = self.store.store_batch(envelopes)  # committed when it returns
+            if self.metrics is not None:
+                self.metrics.store_seconds.observe(time.perf_counter() - started)
             if self._store_failing:
                 self._store_failing = False
                 log.info("hq receiver: storing again")
@@ -337,6 +482,7 @@ class HqReceiver:
                     self._next_republish = now + REPUBLISH_INTERVAL_S
                 self._active[pair] = now
         self._envelopes, self._mids = [], []
+        self._store_fleet()
         if self._client.socket() is None:
             return
         for mid in mids:
@@ -344,6 +490,18 @@ class HqReceiver:
         for pair, upto in marks.items():
             if upto > self._published.get(pair, 0):
                 self._publish_ack(pair, upto)
+
+    def _store_fleet(self) -> None:
+        """Write the batch's status and health messages; a failure loses only a snapshot
+        (the status is retained, the health comes again), so it is counted, not retried."""
+        batch, self._fleet_batch = self._fleet_batch, []
+        if not batch or self.fleet is None:
+            return
+        try:
+            self.fleet.record(batch, time.time())
+        except StoreError as exc:
+            self.counters["fleet_failures"] += 1
+            log.warning("hq receiver: fleet state not stored: %s", exc)
 
     def _flush_quietly(self) -> None:
         try:
@@ -415,3 +573,5 @@ class HqReceiver:
         self.subscribed.clear()
         if self._owns_store:
             self.store.close()
+        if self._owns_fleet and self.fleet is not None:
+            self.fleet.close()

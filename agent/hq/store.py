@@ -244,6 +244,7 @@ class SqliteStore:
         self._lock = threading.Lock()
         self.counters: dict[str, int] = {"stored": 0, "duplicates": 0, "lost_ranges": 0,
                                          "skipped_ranges": 0, "batches": 0}
+        self.stored_by_kind: dict[str, int] = {}  # for HQ's metrics (agent/hq/metrics.py)
         if not create and not os.path.exists(path):
             raise StoreError(path, "no such file (has 'edge-agent hq' run with this config? "
                                    "check [hq] store)")
@@ -326,6 +327,7 @@ class SqliteStore:
             return {}
         now = iso_ms(self._clock())
         stored = dups = lost = 0
+        new_by_kind: dict[str, int] = {}
         touched: dict[Pair, list[EventRow]] = {}
         with self._write() as conn:
             for row in rows:
@@ -336,6 +338,7 @@ class SqliteStore:
                     (row.site, row.kind, row.seq, row.seq_end, row.id, row.ts, now, row.payload))
                 if cur.rowcount:
                     stored += 1
+                    new_by_kind[row.kind] = new_by_kind.get(row.kind, 0) + 1
                 elif row.seq_end is not None and conn.execute(
                         "UPDATE events SET seq_end = ?, id = ?, ts = ?, payload = ? "
                         "WHERE site = ? AND kind = ? AND seq = ? AND COALESCE(seq_end, seq) < ?",
@@ -363,6 +366,8 @@ class SqliteStore:
                 marks[pair], ranges = self._advance(conn, pair, batch, now)
                 skipped += ranges
         self.counters["stored"] += stored
+        for kind, n in new_by_kind.items():
+            self.stored_by_kind[kind] = self.stored_by_kind.get(kind, 0) + n
         self.counters["skipped_ranges"] += skipped
         self.counters["duplicates"] += dups
         self.counters["lost_ranges"] += lost
