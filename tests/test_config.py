@@ -99,8 +99,9 @@ def test_hq_config_ignores_agent_sections(tmp_path: Path) -> None:
 
 
 def test_hq_example_config_validates() -> None:
-    """config/hq.example.toml is a valid HQ receiver config with a stable client id."""
+    """config/hq.example.toml is a valid HQ receiver config: made-up client ids, two sites."""
     cfg = load_hq_config(str(EXAMPLE.with_name("hq.example.toml")))
-    assert cfg.client_id == "edge-hq-1"
+    assert cfg.client_id == ""
+    assert [s.id for s in cfg.hq.sites] == ["co-denver-01", "wa-spokane-03"]
     assert cfg.hq.store == "sqlite:///var/lib/edge-agent-hq/hq.db"
     assert cfg.mqtt.tls and cfg.mqtt.protocol == "5"

@@ -80,7 +80,7 @@ def health_bytes(site: str, ts: float = NOW, *, sale_depth: int = 0, sale_age: f
     (b'{"x": "' + b"a" * (fleet_mod.MAX_MESSAGE_BYTES + 1) + b'"}', "bytes is over"),
 ])
 def test_bad_status_messages_are_refused_with_a_reason(payload: bytes, why: str) -> None:
-    """Garbage, wrong types, deep nesting and oversize status messages raise ValueError naming why."""
+    """Garbage, wrong types, deep nesting, oversize status messages: ValueError saying why."""
     with pytest.raises(ValueError, match=why):
         parse_status("co-a", payload)
 
@@ -225,12 +225,11 @@ def test_a_shared_client_id_is_logged_once_as_a_takeover(
     rx1 = HqReceiver(hq_cfg(broker.port, db, client_id="edge-hq-same"))
     rx2 = HqReceiver(hq_cfg(broker.port, db, client_id="edge-hq-same"))
     caplog.set_level(logging.DEBUG, logger="agent.hq.receiver")
-    with running(rx1):
-        with running(rx2):
-            wait_for(lambda: rx1.counters["taken_over"] and rx2.counters["taken_over"], 20,
-                     what="both receivers to see the takeover loop")
-            wait_for(lambda: rx1.counters["connects"] + rx2.counters["connects"] >= 10, 20,
-                     what="a few more rounds of the loop")
+    with running(rx1), running(rx2):
+        wait_for(lambda: rx1.counters["taken_over"] and rx2.counters["taken_over"], 20,
+                 what="both receivers to see the takeover loop")
+        wait_for(lambda: rx1.counters["connects"] + rx2.counters["connects"] >= 10, 20,
+                 what="a few more rounds of the loop")
     warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
     assert sum("session taken over" in m for m in warnings) == 2
     assert sum("lost the connection" in m for m in warnings) <= 2
@@ -407,10 +406,11 @@ def api(tmp_path: Path) -> Iterator[TestClient]:
                  NOW)
     metrics = HqMetrics()
 
-    class _Rx:
-        counters = {"received": 3, "malformed": 1, "fleet_malformed": 2}
+    class _Rx:  # what the metrics read of a receiver
+        def __init__(self) -> None:
+            self.counters = {"received": 3, "malformed": 1, "fleet_malformed": 2}
+            self.store = store
 
-    _Rx.store = store  # type: ignore[attr-defined]
     clock = FakeClock(NOW + 5)
     metrics.watch(_Rx(), fleet.states, ["co-a", "wa-never"], FleetPolicy(), clock=clock)
     app = create_hq_app(HqWebContext(cfg, Tokens({"ops": TOKEN}), store, fleet, metrics,
