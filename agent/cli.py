@@ -277,6 +277,12 @@ def _hq(path: str, args: argparse.Namespace) -> int:
     worker = threading.Thread(target=receiver.run, args=(stop,), name="hq-receiver")
     worker.start()
     web = start_web(cfg, receiver, metrics)
+    retention = None
+    if cfg.hq.retention_days > 0 and cfg.hq.store.startswith("sqlite:"):
+        from agent.hq.retention import RetentionRunner, retention_sinks
+
+        retention = RetentionRunner(cfg.hq.store, cfg.hq.retention_days, retention_sinks(cfg))
+        retention.start()
     # systemd: READY=1 once subscribed; watchdog pings only while the receiver runs.
     interval = sdnotify.watchdog_interval()
     announced = False
@@ -291,6 +297,8 @@ def _hq(path: str, args: argparse.Namespace) -> int:
     stop.set()
     if web is not None:
         web.stop()
+    if retention is not None:
+        retention.stop()
     worker.join(10)
     return EXIT_OK
 

@@ -475,3 +475,73 @@ def test_metrics_follow_prometheus_naming(api: TestClient) -> None:
                  'edge_hq_site_oldest_unsent_seconds{kind="sale",site="co-a"} 60.0',
                  "edge_hq_store_batch_seconds_bucket"):
         assert line in text, line
+
+
+# -- retention ----------------------------------------------------------------------------
+
+
+class _Sink:
+    name = "metrc"
+
+    def __init__(self, needs: dict[tuple[str, str], int]) -> None:
+        self.needs = needs
+
+    def still_needs(self) -> dict[tuple[str, str], int]:
+        return self.needs
+
+
+def _retention_store(tmp_path: Path) -> tuple[SqliteStore, str]:
+    """Seqs 1-5 and 7-8 ten days old, 9 fresh: the watermark is 5 (6 is missing)."""
+    db = tmp_path / "hq.db"
+    store = SqliteStore(str(db))
+    old = NOW - 10 * 86400
+    store.store_batch([json.loads(envelope_bytes(s, site="co-a", ts=old + s))
+                       for s in (1, 2, 3, 4, 5, 7, 8)])
+    store.store_batch([json.loads(envelope_bytes(9, site="co-a", ts=NOW))])
+    assert store.watermarks()[("co-a", "sale")] == 5
+    return store, f"sqlite://{db}"
+
+
+def test_retention_deletes_only_old_events_at_or_below_the_watermark(tmp_path: Path) -> None:
+    """Old events under the watermark go; old ones above it stay, so acks go on past the gap."""
+    from agent.hq.retention import SqliteRetention
+
+    store, url = _retention_store(tmp_path)
+    retention = SqliteRetention(url)
+    assert retention.run(days=7, now=NOW).deleted == 5
+    retention.close()
+    assert [e["seq"] for e in store.events("co-a", "sale")] == [7, 8, 9]
+    assert store.watermarks()[("co-a", "sale")] == 5
+    marks = store.store_batch([json.loads(envelope_bytes(6, site="co-a", ts=NOW))])
+    assert marks[("co-a", "sale")] == 9  # the kept 7 and 8 still count
+    kinds = store.report(site="co-a", now=NOW)["sites"][0]["kinds"]
+    assert kinds[0]["gaps"] == [] and kinds[0]["first_seq"] == 6
+    store.close()
+
+
+def test_retention_keeps_what_a_sink_still_needs_and_nothing_by_default(tmp_path: Path) -> None:
+    """A sink's lowest needed seq bounds the deletion; retention_days defaults to keep all."""
+    from agent.hq.retention import SqliteRetention
+
+    assert HqReceiverConfig().hq.retention_days == 0
+    store, url = _retention_store(tmp_path)
+    retention = SqliteRetention(url, [_Sink({("co-a", "sale"): 3})])
+    result = retention.run(days=7, now=NOW)
+    retention.close()
+    assert result.deleted == 2 and result.kept_for_sinks == 1
+    assert [e["seq"] for e in store.events("co-a", "sale")] == [3, 4, 5, 7, 8, 9]
+    store.close()
+
+
+def test_hq_sites_config_errors_name_the_key(tmp_path: Path) -> None:
+    """A bad [[hq.sites]] entry is refused with its key path; a site registered twice too."""
+    from agent.config import load_hq_config
+    from agent.errors import ConfigError
+
+    path = tmp_path / "hq.toml"
+    path.write_text('[[hq.sites]]\nid = "co-a"\nstate = "Colorado"\n'
+                    '[[hq.sites]]\nid = "co-a"\ntimezone = "Mars/Base"\n')
+    with pytest.raises(ConfigError) as caught:
+        load_hq_config(str(path))
+    text = str(caught.value)
+    assert "hq.sites.0.state" in text and "hq.sites.1.timezone" in text

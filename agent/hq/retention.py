@@ -1,0 +1,175 @@
+"""Opt-in retention: ``[hq] retention_days`` deletes stored events older than that.
+
+Default 0 keeps everything. What is never deleted, whatever its age:
+
+- an event above its pair's ack watermark: the watermark has to cover it once
+  the gap below it fills, or the site's acks would stop (and the site would
+  resend it forever); deletion is only ever of a *prefix* of a (site, kind)
+  at or below the watermark, so the report shows no invented gaps, only a
+  later ``first_seq``;
+- an event a downstream sink still needs: each registered
+  :class:`RetentionSink` (the Metrc forwarder, say) names, per (site, kind),
+  the lowest seq it has not finished with; everything from there on stays.
+  Without sinks only age counts.
+
+The watermarks (``marks``) and the lost/skipped ranges are never touched:
+they are what a site's acks depend on. Fault counts per hour older than the
+cutoff go too.
+
+The SQL is plain (PostgreSQL takes it as it is); the SQLite version runs on a
+connection of its own, so the receiver's writes are only held up for one
+short transaction per (site, kind).
+"""
+
+from __future__ import annotations
+
+import logging
+import sqlite3
+import threading
+import time
+from collections.abc import Callable, Mapping, Sequence
+from contextlib import suppress
+from dataclasses import dataclass
+from typing import Protocol
+
+from agent.config import HqReceiverConfig
+from agent.envelope import iso_ms
+from agent.hq.fleet_store import hour_of
+from agent.hq.store import BUSY_TIMEOUT_S, Pair, StoreError, sqlite_path
+
+log = logging.getLogger(__name__)
+
+RUN_EVERY_S = 3600.0
+DELETE_CHUNK = 10_000     # rows per transaction, so a first run on a big store never stalls ingest
+
+
+class RetentionSink(Protocol):
+    """A consumer of stored events that must see them before they may be deleted."""
+
+    name: str
+
+    def still_needs(self) -> Mapping[Pair, int]:
+        """(site, kind) -> the lowest seq not yet finished with; an absent pair needs nothing."""
+        ...
+
+
+@dataclass(frozen=True)
+class RetentionResult:
+    deleted: int
+    kept_for_sinks: int           # pairs where a sink held events back
+    cutoff: str
+
+
+class SqliteRetention:
+    """Retention on the SQLite HQ store."""
+
+    def __init__(self, url: str, sinks: Sequence[RetentionSink] = ()) -> None:
+        self.path = sqlite_path(url)
+        self.sinks = list(sinks)
+        try:
+            self._conn = sqlite3.connect(self.path, isolation_level=None,
+                                         check_same_thread=False, timeout=BUSY_TIMEOUT_S)
+            self._conn.execute("PRAGMA synchronous=FULL")
+        except sqlite3.Error as exc:
+            raise StoreError(self.path, f"cannot open for retention: {exc}") from None
+
+    def close(self) -> None:
+        self._conn.close()
+
+    def run(self, days: float, now: float | None = None) -> RetentionResult:
+        """Delete what is older than ``days`` and allowed to go (see the module doc)."""
+        now = time.time() if now is None else now
+        cutoff = iso_ms(now - days * 86400)
+        needs: dict[Pair, int] = {}
+        for sink in self.sinks:
+            for pair, seq in sink.still_needs().items():
+                needs[pair] = min(seq, needs.get(pair, seq))
+        deleted = held = 0
+        try:
+            marks = self._conn.execute("SELECT site, kind, upto FROM marks").fetchall()
+            for site, kind, upto in marks:
+                limit = upto
+                young = self._conn.execute(
+                    "SELECT MIN(seq) FROM events WHERE site = ? AND kind = ? AND ts >= ?",
+                    (site, kind, cutoff)).fetchone()[0]
+                if young is not None:
+                    limit = min(limit, young - 1)
+                needed = needs.get((site, kind))
+                if needed is not None and needed - 1 < limit:
+                    limit = needed - 1
+                    held += 1
+                deleted += self._delete_upto(site, kind, limit)
+            self._conn.execute("BEGIN IMMEDIATE")
+            with suppress(sqlite3.OperationalError):  # no fleet tables in this store yet
+                self._conn.execute("DELETE FROM device_faults WHERE hour < ?",
+                                   (hour_of(now - days * 86400),))
+            self._conn.execute("COMMIT")
+        except sqlite3.Error as exc:
+            if self._conn.in_transaction:
+                with suppress(sqlite3.Error):
+                    self._conn.execute("ROLLBACK")
+            raise StoreError(self.path, f"retention failed: {exc}") from None
+        return RetentionResult(deleted, held, cutoff)
+
+    def _delete_upto(self, site: str, kind: str, limit: int) -> int:
+        """Delete the pair's events with every seq they cover at or below ``limit``."""
+        total = 0
+        while True:
+            self._conn.execute("BEGIN IMMEDIATE")
+            try:
+                cur = self._conn.execute(
+                    "DELETE FROM events WHERE site = ? AND kind = ? AND seq IN ("
+                    " SELECT seq FROM events WHERE site = ? AND kind = ?"
+                    " AND COALESCE(seq_end, seq) <= ? ORDER BY seq LIMIT ?)",
+                    (site, kind, site, kind, limit, DELETE_CHUNK))
+                self._conn.execute("COMMIT")
+            except BaseException:
+                if self._conn.in_transaction:
+                    with suppress(sqlite3.Error):
+                        self._conn.execute("ROLLBACK")
+                raise
+            total += cur.rowcount
+            if cur.rowcount < DELETE_CHUNK:
+                return total
+
+
+def retention_sinks(cfg: HqReceiverConfig) -> list[RetentionSink]:
+    """The sinks of this HQ that retention must wait for.
+
+    None yet: a downstream forwarder (the Metrc one, CONTRACT 9) adds itself
+    here when it is enabled in ``cfg``, answering :meth:`RetentionSink.still_needs`.
+    """
+    return []
+
+
+class RetentionRunner:
+    """Runs retention every RUN_EVERY_S in a thread of ``edge-agent hq``."""
+
+    def __init__(self, url: str, days: float, sinks: Sequence[RetentionSink] = (),
+                 clock: Callable[[], float] = time.time) -> None:
+        self.url, self.days, self.sinks, self.clock = url, days, list(sinks), clock
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="hq-retention", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(5)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                retention = SqliteRetention(self.url, self.sinks)
+                try:
+                    result = retention.run(self.days, self.clock())
+                finally:
+                    retention.close()
+                if result.deleted:
+                    log.info("hq retention: deleted %d event(s) stored before %s "
+                             "(hq.retention_days = %g)", result.deleted, result.cutoff,
+                             self.days)
+            except StoreError as exc:
+                log.warning("hq retention: %s; trying again in %.0fs", exc, RUN_EVERY_S)
+            self._stop.wait(RUN_EVERY_S)
