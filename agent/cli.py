@@ -54,6 +54,8 @@ def _parser() -> argparse.ArgumentParser:
                              help="per site and kind: received, seq range, gaps, duplicates")
     report.add_argument("--site", help="only this site")
     report.add_argument("--since", help="only events since this date (ISO 8601)")
+    report.add_argument("--date", help="only events of this day (YYYY-MM-DD), each site's "
+                        "local day from [[hq.sites]] timezone (UTC if unregistered), by state")
     report.add_argument("--json", action="store_true")
     fleet = hsub.add_parser("fleet", parents=[common],
                             help="one row per site: online/offline/silent/never-seen, backlog, "
@@ -252,7 +254,7 @@ def _hq(path: str, args: argparse.Namespace) -> int:
     if args.action == "report":
         from agent.hq.report import report_main
 
-        return report_main(cfg, args.site, args.since, args.json)
+        return report_main(cfg, args.site, args.since, args.json, date=args.date)
     if args.action == "fleet":
         from agent.hq.fleet_cli import fleet_main
 

@@ -545,3 +545,55 @@ def test_hq_sites_config_errors_name_the_key(tmp_path: Path) -> None:
         load_hq_config(str(path))
     text = str(caught.value)
     assert "hq.sites.0.state" in text and "hq.sites.1.timezone" in text
+
+
+# -- hq report --date ----------------------------------------------------------------------
+
+
+def test_report_date_is_each_sites_local_day_grouped_by_state(tmp_path: Path) -> None:
+    """--date takes each site's local day from its time zone (UTC unregistered), groups
+    the rows by state, lists a registered site that stored nothing, keeps the JSON shape."""
+    from agent.hq.report import report_main
+
+    db = tmp_path / "hq.db"
+    cfg = hq_cfg(1, db, sites=[{"id": "wa-a", "state": "WA", "timezone": "America/Los_Angeles"},
+                               {"id": "co-a", "state": "CO", "timezone": "America/Denver"},
+                               {"id": "co-b", "state": "CO"}])
+    store = SqliteStore(str(db))
+    # 2026-11-22 in Denver is 07:00Z..07:00Z next day; in Los Angeles 08:00Z..08:00Z.
+    day = 1_795_305_600.0  # 2026-11-22T00:00:00Z
+    store.store_batch([json.loads(envelope_bytes(1, site="co-a", ts=day + 6 * 3600)),  # 21st
+                       json.loads(envelope_bytes(2, site="co-a", ts=day + 8 * 3600)),
+                       json.loads(envelope_bytes(3, site="co-a", ts=day + 30 * 3600)),
+                       json.loads(envelope_bytes(1, site="wa-a", ts=day + 7.5 * 3600)),  # 21st
+                       json.loads(envelope_bytes(2, site="wa-a", ts=day + 31 * 3600)),  # 22nd
+                       json.loads(envelope_bytes(1, site="zz-x", ts=day + 3600))])
+    store.close()
+    out = io.StringIO()
+    assert report_main(cfg, None, None, True, out=out, date="2026-11-22", now=day + 86400 * 3) \
+        == 0
+    report = json.loads(out.getvalue())
+    rows = {r["site"]: r for r in report["sites"]}
+    assert [r["site"] for r in report["sites"]] == ["co-a", "co-b", "wa-a", "zz-x"]
+    assert [g["state"] for g in report["states"]] == ["CO", "WA", ""]
+    co = rows["co-a"]["kinds"][0]
+    assert (co["first_seq"], co["last_seq"], co["received"], co["gaps"]) == (2, 3, 2, [])
+    assert rows["co-a"]["window"] == ["2026-11-22T07:00:00.000Z", "2026-11-23T07:00:00.000Z"]
+    assert rows["wa-a"]["kinds"][0]["first_seq"] == 2 and rows["wa-a"]["state"] == "WA"
+    assert rows["co-b"]["kinds"] == [] and rows["zz-x"]["timezone"] == "UTC"
+    text = io.StringIO()
+    report_main(cfg, None, None, False, out=text, date="2026-11-22", now=day + 86400 * 3)
+    assert "== CO ==" in text.getvalue() and "nothing stored that day: co-b" in text.getvalue()
+    err = io.StringIO()
+    assert report_main(cfg, None, None, True, out=io.StringIO(), err=err, date="22/11/2026") == 2
+    assert "--date" in err.getvalue()
+
+
+def test_report_date_and_since_together_is_a_usage_error(tmp_path: Path) -> None:
+    """--date with --since exits 2 saying to pick one."""
+    from agent.hq.report import report_main
+
+    err = io.StringIO()
+    assert report_main(hq_cfg(1, tmp_path / "hq.db"), None, "2026-11-01", True,
+                       out=io.StringIO(), err=err, date="2026-11-22") == 2
+    assert "--date and --since" in err.getvalue()

@@ -80,17 +80,32 @@ def has_gaps(report: dict[str, Any]) -> bool:
 
 def report_main(cfg: HqReceiverConfig, site: str | None, since: str | None, as_json: bool,
                 *, out: TextIO | None = None, err: TextIO | None = None,
-                now: float | None = None) -> int:
+                now: float | None = None, date: str | None = None) -> int:
     """Print the report; the exit status of ``edge-agent hq report``.
 
     0: every (site, kind) is complete between its first and last seq.
     1: some (site, kind) has a gap, or a range its agent declared lost (those
        events will never arrive: the daily check must not pass silently).
     2: the store cannot be opened (missing, not an HQ store, unreadable), or
-       ``--since`` is not an ISO date/time; the message says which.
+       ``--since`` is not an ISO date/time, or ``--date`` not YYYY-MM-DD; the
+       message says which.
+
+    ``date``: each site's local day, grouped by state (agent/hq/day_report.py).
     """
+    from agent.hq import day_report as days
+
     out = out or sys.stdout
     err = err or sys.stderr
+    day = None
+    if date and since:
+        print("--date and --since: give one of them", file=err)
+        return 2
+    if date:
+        try:
+            day = days.parse_date(date)
+        except ValueError as exc:
+            print(exc, file=err)
+            return 2
     if since:
         try:
             parse_time(since)
@@ -104,7 +119,13 @@ def report_main(cfg: HqReceiverConfig, site: str | None, since: str | None, as_j
         print(f"{exc}", file=err)
         return 2
     try:
-        report = store.report(site=site, since=since, now=time.time() if now is None else now)
+        now = time.time() if now is None else now
+        if day is not None:
+            report = days.day_report(cfg, store, day, now)
+            if site is not None:
+                report["sites"] = [r for r in report["sites"] if r["site"] == site]
+        else:
+            report = store.report(site=site, since=since, now=now)
     except StoreError as exc:
         print(f"{exc}", file=err)
         return 2
@@ -112,6 +133,9 @@ def report_main(cfg: HqReceiverConfig, site: str | None, since: str | None, as_j
         store.close()
     if as_json:
         print(json.dumps(report, indent=2), file=out)
+    elif day is not None:
+        print(days.format_day_report(report, format_report), file=out)
+        print(f"(generated {report['generated_at']})", file=out)
     else:
         print(format_report(report), file=out)
         print(f"(generated {report['generated_at']})", file=out)

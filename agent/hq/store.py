@@ -170,7 +170,7 @@ class Store(Protocol):
     def watermarks(self) -> dict[Pair, int]: ...
 
     def report(self, site: str | None = None, since: str | None = None,
-               now: float | None = None) -> dict[str, Any]: ...
+               now: float | None = None, until: str | None = None) -> dict[str, Any]: ...
 
     def events(self, site: str, kind: str) -> list[dict[str, Any]]: ...
 
@@ -464,7 +464,7 @@ class SqliteStore:
                 for seq, seq_end, eid, ts, rec, dups, payload in rows]
 
     def report(self, site: str | None = None, since: str | None = None,
-               now: float | None = None) -> dict[str, Any]:
+               now: float | None = None, until: str | None = None) -> dict[str, Any]:
         """CONTRACT 8's report, per site and kind, plus HQ's extras.
 
         ``since`` (an ISO date or time; ``ValueError`` if not) keeps events whose
@@ -479,6 +479,8 @@ class SqliteStore:
         ``newest_received_at``.
         """
         since_text = canonical_time(since) if since else None
+        # until (exclusive) bounds ts from above, for ``hq report --date``.
+        window = (since_text, canonical_time(until) if until else None)
         now_s = self._clock() if now is None else now
         where, params = ["1"], []
         if site is not None:
@@ -487,6 +489,9 @@ class SqliteStore:
         if since_text is not None:
             where.append("ts >= ?")
             params.append(since_text)
+        if window[1] is not None:
+            where.append("ts < ?")
+            params.append(window[1])
         cond = " AND ".join(where)
         # Only fixed fragments are spliced into the SQL; every value is a bound parameter.
         summary = self._read(
@@ -496,9 +501,9 @@ class SqliteStore:
         marks = self.watermarks()
         sites: dict[str, list[dict[str, Any]]] = {}
         for s, k, count, first, last, newest, newest_rx, dups in summary:
-            lost = self._lost(s, k, since_text)
-            skipped = self._ranges("skipped", s, k, since_text)
-            details = self._gaps(s, k, since_text, lost + skipped)
+            lost = self._lost(s, k, window)
+            skipped = self._ranges("skipped", s, k, window)
+            details = self._gaps(s, k, window, lost + skipped)
             sites.setdefault(s, []).append({
                 "kind": k,
                 "received": count,
@@ -518,19 +523,19 @@ class SqliteStore:
         return {"sites": [{"site": s, "kinds": kinds} for s, kinds in sites.items()],
                 "generated_at": iso_ms(now_s), "since": since_text}
 
-    def _lost(self, site: str, kind: str, since: str | None) -> list[tuple[int, int]]:
-        return self._ranges("lost", site, kind, since)
+    def _lost(self, site: str, kind: str,
+              window: tuple[str | None, str | None]) -> list[tuple[int, int]]:
+        return self._ranges("lost", site, kind, window)
 
     def _ranges(self, table: str, site: str, kind: str,
-                since: str | None) -> list[tuple[int, int]]:
+                window: tuple[str | None, str | None]) -> list[tuple[int, int]]:
         """The ranges of ``lost`` or ``skipped`` declared by events at or after ``since``."""
         assert table in ("lost", "skipped")
         sql = f"SELECT from_seq, to_seq FROM {table} WHERE site = ? AND kind = ?"  # noqa: S608
         params: list[Any] = [site, kind]
-        if since is not None:
-            sql += " AND ts >= ?"
-            params.append(since)
-        return [(a, b) for a, b in self._read(sql + " ORDER BY from_seq", params)]
+        filt, extra = _window(window)
+        return [(a, b) for a, b in self._read(sql + filt + " ORDER BY from_seq",
+                                              params + extra)]
 
     def _unheld(self, site: str, kind: str,
                 ranges: list[tuple[int, int]]) -> list[tuple[int, int]]:
@@ -550,12 +555,12 @@ class SqliteStore:
             out += _holes((first, last), held, [])[0]
         return out
 
-    def _gaps(self, site: str, kind: str, since: str | None,
+    def _gaps(self, site: str, kind: str, window: tuple[str | None, str | None],
               lost: list[tuple[int, int]]) -> list[dict[str, Any]]:
         # Holes between stored rows, found in SQL: a row whose seq is beyond
         # every earlier row's coverage + 1 has a hole before it.
-        filt = " AND ts >= ?" if since is not None else ""
-        params: list[Any] = [site, kind] + ([since] if since is not None else [])
+        filt, extra = _window(window)
+        params: list[Any] = [site, kind, *extra]
         holes = self._read(
             "SELECT prev_end + 1, seq - 1, received_at FROM ("  # noqa: S608 - filt is fixed text
             " SELECT seq, received_at, MAX(COALESCE(seq_end, seq)) OVER ("
@@ -567,6 +572,18 @@ class SqliteStore:
             for a, b in _subtract((first, last), lost):
                 gaps.append({"from": a, "to": b, "since": since_at})
         return gaps
+
+
+def _window(window: tuple[str | None, str | None]) -> tuple[str, list[Any]]:
+    """The SQL filter (fixed text) and parameters of a (since, until) ts window."""
+    filt, params = "", []
+    if window[0] is not None:
+        filt += " AND ts >= ?"
+        params.append(window[0])
+    if window[1] is not None:
+        filt += " AND ts < ?"
+        params.append(window[1])
+    return filt, params
 
 
 def _holes(span: tuple[int, int], held: Iterable[tuple[int, int]],
