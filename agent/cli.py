@@ -17,7 +17,13 @@ import urllib.request
 from typing import Any
 
 from agent import __version__
-from agent.config import AgentConfig, config_path, load_agent_config, load_hq_config
+from agent.config import (
+    AgentConfig,
+    HqReceiverConfig,
+    config_path,
+    load_agent_config,
+    load_hq_config,
+)
 from agent.errors import AgentError, ConfigError
 
 EXIT_OK, EXIT_DEGRADED, EXIT_CONFIG, EXIT_UNREACHABLE = 0, 1, 2, 3
@@ -70,6 +76,10 @@ def _parser() -> argparse.ArgumentParser:
     send_args.add_argument("--args-file", help="a file holding the args JSON object")
     send.add_argument("--timeout", type=float, default=15.0,
                       help="seconds to wait for the result (default 15)")
+    site_key = hsub.add_parser("site-key", parents=[common],
+                               help="print a site's key (for its mqtt.hq_key_file), derived "
+                                    "from hq.master_key_file")
+    site_key.add_argument("site", metavar="SITE", help="the site id")
 
     preview = sub.add_parser("print-preview", parents=[common],
                              help="render a receipt or label to a PNG file, printing nothing")
@@ -145,6 +155,13 @@ def validated_config(path: str) -> AgentConfig:
         value = getattr(cfg.mqtt, key)
         if value and not _readable(value):
             issues.append(ConfigIssue(f"mqtt.{key}", f"cannot read {value}"))
+    if cfg.mqtt.hq_key_file:
+        from agent.proof import KeyFileError, read_site_key
+
+        try:
+            read_site_key(cfg.mqtt.hq_key_file)
+        except KeyFileError as exc:
+            issues.append(ConfigIssue("mqtt.hq_key_file", str(exc).split(": ", 1)[1]))
     if issues:
         raise ConfigError(path, issues)
     return cfg
@@ -264,6 +281,8 @@ def _hq(path: str, args: argparse.Namespace) -> int:
 
         return send_main(cfg, args.name, args.site, args.args, args.args_file,
                          timeout=args.timeout)
+    if args.action == "site-key":
+        return _site_key(cfg, args.site)
     import signal
 
     from agent import sdnotify
@@ -302,6 +321,23 @@ def _hq(path: str, args: argparse.Namespace) -> int:
     if retention is not None:
         retention.stop()
     worker.join(10)
+    return EXIT_OK
+
+
+def _site_key(cfg: HqReceiverConfig, site: str) -> int:
+    """Print the site's key: 64 hex digits, the whole content of its mqtt.hq_key_file."""
+    from agent.config import SITE_ID_RE
+    from agent.proof import derive_site_key, read_master_key
+
+    if not SITE_ID_RE.match(site):
+        print(f"edge-agent: SITE: {site[:64]!r} is not a site id ([a-z0-9-]{{1,64}})",
+              file=sys.stderr)
+        return EXIT_CONFIG
+    if not cfg.hq.master_key_file:
+        print("edge-agent: hq.master_key_file: not set; HQ needs its master secret to derive "
+              "site keys", file=sys.stderr)
+        return EXIT_CONFIG
+    print(derive_site_key(read_master_key(cfg.hq.master_key_file), site).hex())
     return EXIT_OK
 
 

@@ -106,6 +106,9 @@ class MqttConfig(_Section):
     backoff_min_s: PositiveFloat = 0.5
     backoff_max_s: PositiveFloat = 30.0
     health_interval_s: PositiveFloat = 30.0
+    # Beyond the contract (issue 9): the site key HQ's acks and commands are proved
+    # with (64 hex digits, from ``edge-agent hq site-key SITE``); empty: unchecked.
+    hq_key_file: str = ""
 
     @field_validator("topic_prefix")
     @classmethod
@@ -206,6 +209,8 @@ class HqConfig(_Section):
     client_id: str = ""
     share_group: str = "hq"
     batch_max: Annotated[int, AfterValidator(lambda v: _range(v, 1, 100_000))] = 1000
+    # Beyond the contract (issue 9): HQ's one secret; every site's key derives from it.
+    master_key_file: str = ""
     sites: list[HqSiteConfig] = Field(default_factory=list)
     # The fleet (agent/hq/fleet.py): a site that is online but sends no P/health
     # for silent_after_intervals * health_interval_s is "silent".

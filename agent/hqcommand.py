@@ -22,6 +22,7 @@ from typing import Any
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
 
+from agent import proof
 from agent.errors import AgentError
 
 RESEND_S = 1.0
@@ -34,14 +35,20 @@ class CommandTimeout(AgentError):
 def send_command(host: str, port: int, topic_root: str, name: str, args: dict[str, Any], *,
                  command_id: str | None = None, timeout: float = 15.0,
                  resend_s: float = RESEND_S, tls: Any = None,
-                 auth: tuple[str, str] | None = None) -> dict[str, Any]:
+                 auth: tuple[str, str] | None = None,
+                 key: bytes | None = None) -> dict[str, Any]:
     """Publish a command and return its result ``{"id", "ok", "result", "error"}``.
 
     ``topic_root`` is ``P`` (``{topic_prefix}/{site.id}``); ``tls`` a
-    :class:`agent.localbroker.TlsFiles` for an mTLS broker.
+    :class:`agent.localbroker.TlsFiles` for an mTLS broker; ``key`` the site's key
+    (:func:`agent.proof.derive_site_key`), to prove the command came from HQ.
     """
     command_id = command_id or f"hq-{secrets.token_hex(8)}"
-    payload = json.dumps({"id": command_id, "args": args}).encode()
+    message: dict[str, Any] = {"id": command_id, "args": args}
+    if key is not None:
+        site = topic_root.rsplit("/", 1)[-1]
+        message = proof.sign(key, site, f"commands/{name}", message)
+    payload = json.dumps(message).encode()
     results: list[dict[str, Any]] = []
     subscribed: list[bool] = []
 

@@ -127,6 +127,10 @@ class LocalSite:
     agent: Proc | None = None
     token: str = field(default_factory=lambda: secrets.token_urlsafe(24))
     api_port: int = field(default_factory=free_port)
+    # HQ proves its acks and commands (issue 9): a master key for HQ, the derived
+    # site key for the agent.
+    proof_keys: bool = False
+    master_key: bytes = field(default_factory=lambda: secrets.token_hex(32).encode(), repr=False)
 
     def __post_init__(self) -> None:
         self.workdir = Path(self.workdir)
@@ -148,6 +152,13 @@ class LocalSite:
     @property
     def outbox_path(self) -> Path:
         return self.workdir / "outbox"
+
+    @property
+    def site_key(self) -> bytes:
+        """The key the agent needs (what ``edge-agent hq site-key`` prints, as bytes)."""
+        from agent.proof import derive_site_key
+
+        return derive_site_key(self.master_key, self.site_id)
 
     @property
     def api_url(self) -> str:
@@ -176,6 +187,15 @@ class LocalSite:
             "api": {"bind": "127.0.0.1", "port": self.api_port, "tokens_file": str(tokens),
                     "advertise": False, "advertise_interfaces": ["127.0.0.1"]},
         }
+        hq: dict[str, Any] = {"store": f"sqlite:///{self.hq_db}"}
+        if self.proof_keys:
+            master, site_key = self.workdir / "hq-master.key", self.workdir / "site.key"
+            master.write_bytes(self.master_key + b"\n")
+            site_key.write_text(self.site_key.hex() + "\n", encoding="ascii")
+            for path in (master, site_key):
+                path.chmod(0o600)
+            sections["mqtt"]["hq_key_file"] = str(site_key)
+            hq["master_key_file"] = str(master)
         for name, values in self.agent_overrides.items():
             sections[name] = {**sections.get(name, {}), **values}
         if self.devices:
@@ -185,7 +205,7 @@ class LocalSite:
         write_toml(self.agent_config, sections)
         write_toml(self.hq_config, {
             "mqtt": self._mqtt(f"hq-{self.site_id}-{secrets.token_hex(3)}"),
-            "hq": {"store": f"sqlite:///{self.hq_db}"},
+            "hq": hq,
         })
 
     # -- processes -----------------------------------------------------------

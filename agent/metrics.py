@@ -37,6 +37,10 @@ UPLINK_COUNTERS = {
     "resends": ("edge_resends", "Events sent again after an ack timeout or a reconnect"),
     "reconnects": ("edge_reconnects", "Connections to a broker after the first one"),
     "publish_failures": ("edge_publish_failures", "MQTT publishes that failed"),
+    "forged_acks": ("edge_forged_acks", "Acks ignored for want of valid proof from HQ"),
+    "forged_commands": ("edge_forged_commands",
+                        "Commands ignored for want of valid proof from HQ"),
+    "retained_commands": ("edge_retained_commands", "Retained commands ignored"),
 }
 
 
@@ -118,6 +122,14 @@ class AgentCollector(Collector):
         yield unacked
         for key, (name, doc) in UPLINK_COUNTERS.items():
             yield CounterMetricFamily(name, doc, value=_number(snapshot.get(key, 0)))
+        refused = CounterMetricFamily("edge_acks_refused",
+                                      "Acks from HQ the agent refused (beyond what it sent, "
+                                      "or without valid proof)", labels=["kind"])
+        per_kind = snapshot.get("acks_refused") or {}
+        for kind in KINDS:
+            value = per_kind.get(kind, 0) if isinstance(per_kind, dict) else 0
+            refused.add_metric([kind], _number(value))
+        yield refused
 
 
 def _number(value: Any) -> float:

@@ -92,6 +92,18 @@ def _outbox_part(outbox: Outbox, now: float) -> dict[str, Any]:
     }
 
 
+def _refused_ack_reasons(uplink: dict[str, Any], kinds: dict[str, Any]) -> list[str]:
+    """``acks_refused``: a kind with events waiting whose acks from HQ were refused
+    (beyond what was sent, or without valid proof) may not be draining."""
+    refused = uplink.get("acks_refused")
+    if not isinstance(refused, dict):
+        return []
+    return [f"acks_refused: {count} {kind} ack(s) from HQ refused (beyond the last seq sent, "
+            f"or without valid proof); {kinds[kind].get('depth')} {kind} events wait"
+            for kind, count in sorted(refused.items())
+            if isinstance(count, int) and count > 0 and (kinds.get(kind) or {}).get("depth")]
+
+
 def _uplink_reason(uplink: dict[str, Any], started_at: float, now: float) -> str | None:
     state = uplink.get("state") or "disconnected"
     if state == "connected":
@@ -156,6 +168,7 @@ def build_status(src: StatusSources, now: float | None = None) -> dict[str, Any]
     uplink_reason = _uplink_reason(uplink, src.started_at, now)
     if uplink_reason:
         reasons.append(uplink_reason)
+    reasons.extend(_refused_ack_reasons(uplink, outbox_part.get("kinds", {})))
     box_state = outbox_part.get("state")
     if box_state == "full":
         reasons.append(f"outbox_full: {outbox_part.get('bytes')} of {outbox_part.get('max_bytes')}"

@@ -50,6 +50,7 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
+from agent import proof
 from agent.config import HqReceiverConfig
 from agent.envelope import decode
 from agent.errors import AgentError
@@ -112,6 +113,17 @@ class HqReceiver:
         self._persistent = bool(cfg.client_id)
         # The client first: bad TLS files must not leave a store open behind them.
         self._client = self._make_client()
+        # HQ's one secret: every ack carries proof made with the site's derived key.
+        self._master: bytes | None = None
+        self._site_keys: dict[str, bytes] = {}
+        if cfg.hq.master_key_file:
+            try:
+                self._master = proof.read_master_key(cfg.hq.master_key_file)
+            except proof.KeyFileError as exc:
+                raise ReceiverError(str(exc)) from None
+        else:
+            log.warning("hq receiver: hq.master_key_file is not set: acks go out without "
+                        "proof, and agents that check proof will ignore them")
         self._owns_store = store is None
         self.store: Store = store if store is not None else open_store(cfg.hq.store)
         self._owns_fleet = fleet is None
@@ -519,8 +531,14 @@ class HqReceiver:
 
     def _publish_ack(self, pair: Pair, upto: int) -> None:
         site, kind = pair
+        ack: dict[str, Any] = {"kind": kind, "upto": upto}
+        if self._master is not None:
+            key = self._site_keys.get(site)
+            if key is None:
+                key = self._site_keys[site] = proof.derive_site_key(self._master, site)
+            ack = proof.sign(key, site, "acks", ack)
         info = self._client.publish(f"{self._prefix}/{site}/acks",
-                                    json.dumps({"kind": kind, "upto": upto}), qos=1)
+                                    json.dumps(ack, separators=(",", ":")), qos=1)
         if info.rc == MQTTErrorCode.MQTT_ERR_SUCCESS:
             self.counters["acks_sent"] += 1
             self._published[pair] = max(upto, self._published.get(pair, 0))

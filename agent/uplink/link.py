@@ -55,6 +55,7 @@ from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 from paho.mqtt.subscribeoptions import SubscribeOptions
 
+from agent import proof
 from agent.config import KINDS, AgentConfig
 from agent.errors import OutboxError
 from agent.uplink.ledger import PRIORITY, DeliveryLedger, SentEvent
@@ -119,7 +120,16 @@ class Uplink:
         self._since = time.time()
         self._last_ack_ts: float | None = None
         self._last_error: str | None = None
-        self.counters = {"acks": 0, "reconnects": 0, "publish_failures": 0, "bad_acks": 0}
+        self.counters = {"acks": 0, "reconnects": 0, "publish_failures": 0, "bad_acks": 0,
+                         "forged_acks": 0, "forged_commands": 0, "retained_commands": 0}
+        # Acks refused per kind (beyond what was sent, or without valid proof): a
+        # kind whose acks keep being refused does not drain (status degrades on it).
+        self.acks_refused: dict[str, int] = {}
+        # The key HQ proves its acks and commands with (agent/proof.py); read once.
+        self.hq_key: bytes | None = (proof.read_site_key(self.mq.hq_key_file)
+                                     if self.mq.hq_key_file else None)
+        self._forgery_logged: set[str] = set()   # channels in a streak of forgeries
+        self._retained_logged = False
 
         # owned by the uplink thread
         self._client: mqtt.Client | None = None
@@ -152,6 +162,10 @@ class Uplink:
         """Start the thread that owns the MQTT client."""
         if self._thread is not None:
             raise RuntimeError("uplink already started")
+        if self.hq_key is None:
+            log.warning("uplink: mqtt.hq_key_file is not set: acks and commands on %s are "
+                        "not authenticated, so anyone who can publish there can delete "
+                        "events from the outbox or run commands", self.cfg.topic_root)
         stats = self.outbox.stats()
         start_after = {}
         for kind in KINDS:
@@ -203,6 +217,10 @@ class Uplink:
                 "reconnects": self.counters["reconnects"],
                 "publish_failures": self.counters["publish_failures"],
                 "bad_acks": self.counters["bad_acks"],
+                "forged_acks": self.counters["forged_acks"],
+                "forged_commands": self.counters["forged_commands"],
+                "retained_commands": self.counters["retained_commands"],
+                "acks_refused": dict(self.acks_refused),
                 "last_error": self._last_error,
             }
 
@@ -454,6 +472,18 @@ class Uplink:
             self._hq_ack(bytes(msg.payload))
         elif topic.startswith(self.topic_commands):
             name = topic[len(self.topic_commands):]
+            if msg.retain:
+                # A retained command would run again on every (re)subscription: HQ never
+                # retains commands, so one that is retained was put there by someone else.
+                with self._lock:
+                    self.counters["retained_commands"] += 1
+                (log.debug if self._retained_logged else log.warning)(
+                    "uplink: ignored a retained command %r on %s (commands are never "
+                    "retained; clear it with an empty retained publish)", name[:64], topic)
+                self._retained_logged = True
+                return
+            if not self._proved(f"commands/{name}", bytes(msg.payload), "forged_commands"):
+                return
             if self.on_command is None:
                 log.warning("uplink: command %r received but no command handler is set", name)
                 return
@@ -462,12 +492,50 @@ class Uplink:
             except Exception:  # a handler bug must not take the uplink down
                 log.exception("uplink: command handler failed for %r", name)
 
+    def _proved(self, channel: str, payload: bytes, counter: str) -> bool:
+        """Whether a message from HQ may be acted on: always without a key; with one,
+        only with valid proof. A forgery is counted and logged on edges: one WARNING
+        when a streak starts, DEBUG while it lasts, INFO when proven messages resume."""
+        key = self.hq_key
+        if key is None:
+            return True
+        try:
+            body = json.loads(payload)
+        except (ValueError, RecursionError):
+            body = None
+        if isinstance(body, dict) and proof.verify(key, self.cfg.site.id, channel, body):
+            family = channel.split("/", 1)[0]
+            if family in self._forgery_logged:
+                self._forgery_logged.discard(family)
+                log.info("uplink: %s with valid proof again", family)
+            return True
+        with self._lock:
+            self.counters[counter] += 1
+            count = self.counters[counter]
+        family = channel.split("/", 1)[0]
+        if isinstance(body, dict) and family == "acks" and body.get("kind") in KINDS:
+            self._refused_ack(str(body["kind"]))
+        first = family not in self._forgery_logged
+        self._forgery_logged.add(family)
+        (log.warning if first else log.debug)(
+            "uplink: ignored a message on %s/%s without valid proof (%d so far; is "
+            "mqtt.hq_key_file the key 'edge-agent hq site-key %s' prints? or someone "
+            "else publishes there)", self.cfg.topic_root, channel, count, self.cfg.site.id)
+        return False
+
+    def _refused_ack(self, kind: str) -> None:
+        with self._lock:
+            self.acks_refused[kind] = self.acks_refused.get(kind, 0) + 1
+
     def _hq_ack(self, payload: bytes) -> None:
+        if not self._proved("acks", payload, "forged_acks"):
+            return
         parsed = parse_ack(payload)
         if isinstance(parsed, AckMessage):
             last_seq = self.outbox.stats()[parsed.kind].last_seq
             if parsed.upto > last_seq:
                 # Acking seqs never assigned would skip every future event up to it.
+                self._refused_ack(parsed.kind)
                 parsed = f"upto {parsed.upto} is beyond the last {parsed.kind} seq {last_seq}"
         if isinstance(parsed, str):
             with self._lock:
