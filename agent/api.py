@@ -53,6 +53,7 @@ from agent import __version__, schemas
 from agent.auth import Tokens
 from agent.config import KINDS, AgentConfig
 from agent.errors import DiskFull, EventTooLarge, OutboxError, OutboxFull
+from agent.idempotency import IdempotencyKeyReused, body_digest
 from agent.metrics import ApiMetrics
 from agent.sessions import COOKIE_NAME, SessionStore, needs_origin_check, same_origin
 from agent.status import build_status
@@ -614,8 +615,9 @@ def create_app(ctx: ApiContext) -> FastAPI:
                   {"name": "Idempotency-Key", "in": "header", "required": False,
                    "schema": {"type": "string", "minLength": 1,
                               "maxLength": IDEMPOTENCY_KEY_MAX},
-                   "description": "a repeat with the same key (same caller and kind) returns "
-                                  "the first answer and writes nothing"},
+                   "description": "a repeat with the same key (same caller and kind) and "
+                                  "the same body returns the first answer and writes "
+                                  "nothing; the same key with another body is 422"},
                   {"name": "X-Edge-Source", "in": "header", "required": False,
                    "schema": {"type": "string"},
                    "description": "a label appended to the token's name as the event source"}],
@@ -654,7 +656,10 @@ def create_app(ctx: ApiContext) -> FastAPI:
             # Shielded: once handed to the outbox the event commits even if the
             # client goes away; a retry with its Idempotency-Key gets the answer.
             accepted = await asyncio.shield(
-                ctx.outbox.append(kind, data_json, source, scoped_key))
+                ctx.outbox.append(kind, data_json, source, scoped_key,
+                                  None if idem_key is None else body_digest(body)))
+        except IdempotencyKeyReused as exc:
+            raise ApiProblem(422, str(exc), exc.field, reason="idempotency_key_reused") from None
         except OutboxFull as exc:
             raise ApiProblem(507, str(exc), reason="outbox_full",
                              headers={"Retry-After": RETRY_AFTER_FULL_S}) from None

@@ -25,6 +25,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 
 from agent.api import ApiProblem, Caller, ErrorBody, error_body, parse_json_object
+from agent.idempotency import IdempotencyKeyReused, KeyDigests, body_digest
 from agent.print_documents import PrintRefused
 from agent.printing import ANSWER_TIMEOUT_S
 from drivers.printer import JobResult, Label
@@ -86,12 +87,19 @@ def _job_id(request: Request, caller: str) -> str | None:
 
 def print_router(service: PrinterService) -> APIRouter:
     router = APIRouter(tags=["printing"])
+    digests = KeyDigests()   # a job id's body: a key reused with another body is 422
 
     async def print_document(kind: Kind, request: Request, caller: str) -> Response:
         body = await _body(request)
+        job_id = _job_id(request, caller)
+        if job_id is not None:
+            try:
+                digests.check(f"{kind}/{job_id}", body_digest(body))
+            except IdempotencyKeyReused as exc:
+                raise ApiProblem(422, str(exc), exc.field,
+                                 reason="idempotency_key_reused") from None
         try:
-            prepared = await asyncio.to_thread(service.prepare, kind, body,
-                                               _job_id(request, caller))
+            prepared = await asyncio.to_thread(service.prepare, kind, body, job_id)
         except PrintRefused as exc:
             raise _refused(exc) from None
         dev = prepared.device

@@ -119,10 +119,10 @@ def test_plant_and_alarm_and_driver_kinds_are_accepted(site: Site) -> None:
 
 
 def test_idempotency_key_replays_the_first_answer(site: Site) -> None:
-    """The same Idempotency-Key twice gives one event and the same answer, marked replayed."""
+    """The same Idempotency-Key and body twice gives one event and the same answer, replayed."""
     key = {"Idempotency-Key": "R-000123/attempt"}
     first = site.post("sale", SALE, key)
-    second = site.post("sale", {**SALE, "receipt_number": "R-other"}, key)
+    second = site.post("sale", dict(reversed(SALE.items())), key)  # key order is not the body
     assert first.status_code == second.status_code == 202
     assert second.json() == first.json()
     assert "idempotent-replayed" not in first.headers
@@ -132,6 +132,38 @@ def test_idempotency_key_replays_the_first_answer(site: Site) -> None:
     other = site.client.post("/v1/events/sale", json={"data": SALE},
                              headers={"Authorization": f"Bearer {TABLET_TOKEN}", **key})
     assert other.status_code == 202 and other.json()["seq"] == 2
+
+
+def test_idempotency_key_reused_with_another_body_is_422(site: Site) -> None:
+    """The key again with another sale: 422 naming the header, nothing written (issue 9)."""
+    key = {"Idempotency-Key": "R-000123/attempt"}
+    first = site.post("sale", SALE, key)
+    assert first.status_code == 202
+    other = site.post("sale", {**SALE, "receipt_number": "R-other"}, key)
+    assert other.status_code == 422, other.text
+    assert other.json()["field"] == "Idempotency-Key"
+    assert "different request body" in other.json()["error"]
+    assert len(site.events("sale")) == 1
+    # The first body still replays its answer.
+    again = site.post("sale", SALE, key)
+    assert again.status_code == 202 and again.json() == first.json()
+
+
+async def _post_concurrently(app: Any, bodies: list[dict[str, Any]]) -> list[httpx.Response]:
+    transport = httpx.ASGITransport(app=app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://edge") as client:
+        return list(await asyncio.gather(*(
+            client.post("/v1/events/sale", json={"data": body},
+                        headers={**AUTH, "Idempotency-Key": "same"}) for body in bodies)))
+
+
+def test_concurrent_reuse_with_another_body_stores_one(site: Site) -> None:
+    """Two bodies under one key at once (one group commit): one stored, the other 422."""
+    bodies = [SALE, {**SALE, "receipt_number": "R-other"}] * 3
+    answers = asyncio.run(_post_concurrently(site.app, bodies))
+    codes = sorted(a.status_code for a in answers)
+    assert codes == [202, 202, 202, 422, 422, 422]
+    assert len(site.events("sale")) == 1
 
 
 async def _post_same_key_concurrently(app: Any, n: int) -> list[httpx.Response]:

@@ -321,6 +321,17 @@ def test_idempotency_key_prints_once_and_answers_with_the_final_result(
     assert escpos.printed == [RECEIPT_BYTES]
 
 
+def test_idempotency_key_reused_with_another_body_is_422(
+        site: PrintSite, escpos: FakePrinter) -> None:
+    """A print key reused with another document: 422 naming the header, printed once."""
+    key = {"Idempotency-Key": "R-000124-receipt"}
+    first = site.post("/v1/print/receipt", {"sale": SALE}, key)
+    assert first.status_code == 200
+    other = site.post("/v1/print/receipt", {"sale": {**SALE, "total": "99.00"}}, key)
+    assert other.status_code == 422 and other.json()["field"] == "Idempotency-Key"
+    assert escpos.printed == [RECEIPT_BYTES]
+
+
 # -- refusals ----------------------------------------------------------------------------------
 
 

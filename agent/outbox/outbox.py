@@ -123,8 +123,8 @@ class Outbox:
 
     # -- producers ----------------------------------------------------------
 
-    def submit(self, kind: str, data_json: str, source: str, idem_key: str | None = None
-               ) -> concurrent.futures.Future[Accepted]:
+    def submit(self, kind: str, data_json: str, source: str, idem_key: str | None = None,
+               idem_digest: str | None = None) -> concurrent.futures.Future[Accepted]:
         """Queue an event; the future resolves once its transaction committed."""
         if kind not in KINDS:
             raise ValueError(f"unknown event kind {kind!r} (one of {', '.join(KINDS)})")
@@ -132,7 +132,7 @@ class Outbox:
         if len(data_json) > MAX_EVENT_BYTES:
             future.set_exception(EventTooLarge(kind, len(data_json), MAX_EVENT_BYTES))
             return future
-        request = Submit(kind, data_json, source, idem_key, future)
+        request = Submit(kind, data_json, source, idem_key, future, idem_digest)
         with self._lock:
             if self._closed or self._thread is None:
                 raise OutboxError(f"outbox {self.path} is not open")
@@ -140,8 +140,9 @@ class Outbox:
         return future
 
     async def append(self, kind: str, data_json: str, source: str,
-                     idem_key: str | None = None) -> Accepted:
-        return await asyncio.wrap_future(self.submit(kind, data_json, source, idem_key))
+                     idem_key: str | None = None, idem_digest: str | None = None) -> Accepted:
+        return await asyncio.wrap_future(self.submit(kind, data_json, source, idem_key,
+                                                     idem_digest))
 
     # -- the uplink ----------------------------------------------------------
 

@@ -26,6 +26,7 @@ from diskcache import Cache
 
 from agent.envelope import UUIDv7, encode, iso_ms
 from agent.errors import DiskFull, EventTooLarge, OutboxError, OutboxFull
+from agent.idempotency import IdempotencyKeyReused
 from agent.outbox.ballast import Ballast
 from agent.outbox.records import Accepted, KindState, KindStats
 from agent.outbox.recovery import Recovered
@@ -66,15 +67,17 @@ SEQMARK_LAZY_S = 5.0  # how often acked/published marks are saved (best effort)
 
 
 class Submit:
-    __slots__ = ("data_json", "future", "idem_key", "kind", "source")
+    __slots__ = ("data_json", "future", "idem_digest", "idem_key", "kind", "source")
 
     def __init__(self, kind: str, data_json: str, source: str, idem_key: str | None,
-                 future: concurrent.futures.Future[Accepted]) -> None:
+                 future: concurrent.futures.Future[Accepted],
+                 idem_digest: str | None = None) -> None:
         self.kind = kind
         self.data_json = data_json
         self.source = source
         self.idem_key = idem_key
         self.future = future
+        self.idem_digest = idem_digest  # the request body's digest (agent/idempotency.py)
 
 
 class Ack:
@@ -336,6 +339,11 @@ class Writer:
                 continue  # the caller gave up before it was written
             key = sub.idem_key
             if key is not None:
+                first = in_batch.get(key) or stored.get(key)
+                if first is not None and first.digest is not None \
+                        and sub.idem_digest is not None and first.digest != sub.idem_digest:
+                    batch.settled.append((future, IdempotencyKeyReused(key)))
+                    continue
                 if key in in_batch:
                     on_commit_append((future, replace(in_batch[key], replay=True)))
                     batch.replayed += 1
@@ -374,8 +382,12 @@ class Writer:
             rows_append((event_key(kind, seq), wall, None, wall, envelope))
             accepted = Accepted(event_id, seq, kind, ts)
             if key is not None:
-                in_batch[key] = accepted
-                answer = json.dumps({"id": event_id, "seq": seq, "kind": kind, "ts": ts})
+                in_batch[key] = replace(accepted, digest=sub.idem_digest)
+                first_answer: dict[str, Any] = {"id": event_id, "seq": seq, "kind": kind,
+                                                "ts": ts}
+                if sub.idem_digest is not None:
+                    first_answer["h"] = sub.idem_digest
+                answer = json.dumps(first_answer)
                 idem_rows.append((f"i:{key}", wall, wall + IDEMPOTENCY_TTL_S, wall,
                                   answer.encode()))
             on_commit_append((future, accepted))
@@ -399,7 +411,7 @@ class Writer:
                     continue
                 answer = json.loads(value)
                 found[db_key[2:]] = Accepted(answer["id"], answer["seq"], answer["kind"],
-                                             answer["ts"])
+                                             answer["ts"], digest=answer.get("h"))
         if expired:
             con.executemany("DELETE FROM Cache WHERE key = ? AND raw = 1", expired)
         return found

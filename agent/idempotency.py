@@ -1,0 +1,60 @@
+"""Idempotency-Key bodies (issue 9; IETF draft-ietf-httpapi-idempotency-key-header).
+
+A key names one request: its answer is replayed to a retry, but only to a retry
+of the same request. So the first request's body is remembered as a digest, and
+a reuse of the key with another body is refused (422 naming the header) rather
+than answered with the first request's result, which would tell a POS that a
+sale nobody stored was accepted. Shared by ``POST /v1/events/{kind}`` (the
+digest is kept with the stored answer in the outbox, so it survives restarts)
+and the print routes (kept with the job ids, in memory like the jobs).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import threading
+from collections import OrderedDict
+from typing import Any
+
+from agent.errors import AgentError
+
+HEADER = "Idempotency-Key"
+REMEMBERED = 10_000
+
+
+class IdempotencyKeyReused(AgentError):
+    """The key was used before with another body."""
+
+    field = HEADER
+
+    def __init__(self, key: str) -> None:
+        self.key = key
+        super().__init__(f"{HEADER}: already used with a different request body; a retry must "
+                         "send the same body, a new request a new key")
+
+
+def body_digest(body: Any) -> str:
+    """The SHA-256 of a parsed JSON body, canonical (sorted keys, no spaces), in hex."""
+    text = json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+class KeyDigests:
+    """Keys seen and their bodies' digests, the last ``REMEMBERED`` of them (any thread)."""
+
+    def __init__(self, limit: int = REMEMBERED) -> None:
+        self._limit = limit
+        self._seen: OrderedDict[str, str] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def check(self, key: str, digest: str) -> None:
+        """Remember ``key`` with ``digest``; raise if it came before with another one."""
+        with self._lock:
+            known = self._seen.get(key)
+            if known is not None and known != digest:
+                raise IdempotencyKeyReused(key)
+            self._seen[key] = digest
+            self._seen.move_to_end(key)
+            while len(self._seen) > self._limit:
+                self._seen.popitem(last=False)
