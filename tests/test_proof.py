@@ -31,7 +31,7 @@ def test_site_keys_differ_per_site_and_are_stable() -> None:
 
 
 def test_proof_covers_every_key_and_binds_site_and_channel() -> None:
-    """Any change to any key (even one added later, like epoch), the site or the channel breaks it."""
+    """Changing any key (even a later one like epoch), the site or the channel breaks the proof."""
     key = proof.derive_site_key(MASTER, "s1")
     ack = proof.sign(key, "s1", "acks", {"kind": "sale", "upto": 15, "epoch": "e1"})
     assert proof.verify(key, "s1", "acks", ack)
@@ -49,7 +49,7 @@ def test_proof_covers_every_key_and_binds_site_and_channel() -> None:
 
 
 def test_key_files_are_checked(tmp_path: Path) -> None:
-    """A site key file must hold 64 hex digits and a master at least 16 bytes; errors name the key."""
+    """A site key file holds 64 hex digits, a master >= 16 bytes; errors name the key."""
     good = tmp_path / "site.key"
     good.write_text(proof.derive_site_key(MASTER, "s").hex() + "\n")
     assert proof.read_site_key(str(good)) == proof.derive_site_key(MASTER, "s")
