@@ -55,13 +55,13 @@ def test_key_files_are_checked(tmp_path: Path) -> None:
     assert proof.read_site_key(str(good)) == proof.derive_site_key(MASTER, "s")
     bad = tmp_path / "bad.key"
     bad.write_text("not hex")
-    with pytest.raises(proof.KeyFileError, match="mqtt.hq_key_file"):
+    with pytest.raises(proof.KeyFileError, match=r"mqtt\.hq_key_file"):
         proof.read_site_key(str(bad))
     with pytest.raises(proof.KeyFileError, match="cannot read"):
         proof.read_site_key(str(tmp_path / "missing"))
     short = tmp_path / "master.key"
     short.write_text("short")
-    with pytest.raises(proof.KeyFileError, match="hq.master_key_file"):
+    with pytest.raises(proof.KeyFileError, match=r"hq\.master_key_file"):
         proof.read_master_key(str(short))
 
 
@@ -111,6 +111,7 @@ def test_forged_ack_deletes_nothing(site: LocalSite) -> None:
     assert snap["uplink"]["acked_upto"]["sale"] == 0
     assert any(r.startswith("acks_refused:") for r in snap["reasons"])
     code, metrics = site.request("GET", "/metrics")
+    assert code == 200
     assert 'edge_forged_acks_total 1.0' in metrics
     assert 'edge_acks_refused_total{kind="sale"} 1.0' in metrics
     # The real HQ, with the master key, proves its acks: everything drains.
