@@ -5,9 +5,10 @@ and sends it down with two commands (CONTRACT 4, ``P/commands/{name}``):
 
 - ``catalog-put`` ``{"tags": [...], "replace"?: false}``: add these tags; with
   ``"replace": true`` the catalog becomes exactly these tags (an empty list
-  empties it). One command carries up to about 9,000 tags (the router's
-  256 KiB payload limit); a larger catalog is sent as several puts, a
-  ``replace`` only as the first of them.
+  empties it only with ``"allow_empty": true``; without, it is refused).
+  One command carries up to about 9,000 tags (the router's 256 KiB payload
+  limit); a larger catalog is sent as several puts, a ``replace`` only as the
+  first of them.
 - ``catalog-remove`` ``{"tags": [...]}``: remove these tags (absent ones are
   counted, not an error).
 
@@ -60,7 +61,7 @@ _SCHEMA = (
     "result TEXT NOT NULL, applied_at REAL NOT NULL)",
     "CREATE INDEX IF NOT EXISTS applied_at ON applied (applied_at)",
 )
-PUT_KEYS = frozenset({"tags", "replace"})
+PUT_KEYS = frozenset({"tags", "replace", "allow_empty"})
 REMOVE_KEYS = frozenset({"tags"})
 
 

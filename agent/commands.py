@@ -4,7 +4,10 @@ The uplink thread hands every command message to :meth:`CommandRouter.dispatch`
 and must not block, so handlers run on a small worker pool and their results go
 back through ``send_result`` (the uplink's queue to ``P/command-results``).
 A command id seen before is answered with the first result and not run again,
-because HQ resends a command whose result it did not see.
+because HQ resends a command whose result it did not see; with a
+:class:`~agent.command_journal.CommandJournal` that holds across restarts too
+(the id is on disk before the handler runs; the worker, not the uplink thread,
+does that disk write).
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from concurrent.futures import ThreadPoolExecutor
 from contextvars import ContextVar
 from typing import Any
 
+from agent.command_journal import CommandJournal
 from agent.errors import AgentError
 
 log = logging.getLogger(__name__)
@@ -33,8 +37,10 @@ current_command_id: ContextVar[str | None] = ContextVar("current_command_id", de
 
 
 class CommandRouter:
-    def __init__(self, send_result: Callable[[dict[str, Any]], None], workers: int = 2) -> None:
+    def __init__(self, send_result: Callable[[dict[str, Any]], None], workers: int = 2,
+                 journal: CommandJournal | None = None) -> None:
         self._send = send_result
+        self._journal = journal
         self._handlers: dict[str, Handler] = {}
         self._done: OrderedDict[str, dict[str, Any]] = OrderedDict()
         self._running: set[str] = set()
@@ -75,6 +81,21 @@ class CommandRouter:
         self._pool.submit(self._run, command_id, name, handler, args)
 
     def _run(self, command_id: str, name: str, handler: Handler, args: dict[str, Any]) -> None:
+        if self._journal is not None:
+            try:
+                earlier = self._journal.start(command_id, name)
+            except Exception as exc:  # a disk fault: refuse rather than risk running twice
+                log.exception("command %s (%s): cannot record its id", name, command_id)
+                self._finish(command_id, None, f"cannot record command id {command_id} on "
+                                               f"disk ({type(exc).__name__}); not run")
+                return
+            if earlier is not None:
+                log.info("command %s (%s) was received before this restart; answering with "
+                         "its first result", name, command_id)
+                self.counters["replayed"] += 1
+                self._finish(command_id, earlier.get("result"), earlier.get("error"),
+                             record=False)
+                return
         token = current_command_id.set(command_id)
         try:
             result = handler(args)
@@ -88,10 +109,16 @@ class CommandRouter:
         finally:
             current_command_id.reset(token)
 
-    def _finish(self, command_id: str, result: Any, error: str | None) -> None:
+    def _finish(self, command_id: str, result: Any, error: str | None, *,
+                record: bool = True) -> None:
         answer = {"id": command_id, "ok": error is None, "result": result, "error": error}
-        if error is not None:
+        if error is not None and record:
             self.counters["failed"] += 1
+        if record and self._journal is not None:
+            try:
+                self._journal.finish(command_id, answer)
+            except Exception:  # the answer still goes out; a resend is then "interrupted"
+                log.exception("command %s: cannot record its answer", command_id)
         with self._lock:
             self._running.discard(command_id)
             self._done[command_id] = answer
@@ -121,3 +148,5 @@ class CommandRouter:
 
     def close(self) -> None:
         self._pool.shutdown(wait=True, cancel_futures=True)
+        if self._journal is not None:
+            self._journal.close()

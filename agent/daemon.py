@@ -25,6 +25,7 @@ from agent import __version__, sdnotify
 from agent.advertise import Advertiser
 from agent.api import ApiContext, create_app
 from agent.auth import Tokens
+from agent.command_journal import CommandJournal
 from agent.commands import CommandRouter
 from agent.config import AgentConfig
 from agent.errors import AgentError, OutboxCorrupt, OutboxError
@@ -126,7 +127,10 @@ async def serve(cfg: AgentConfig) -> int:
         conditions.report_corrupt(report)
 
     uplink: Uplink | None = None
-    router = CommandRouter(lambda result: uplink.send_command_result(result) if uplink else None)
+    # Command ids on disk beside the outbox: a command HQ resends after a restart runs once.
+    journal = await asyncio.to_thread(CommandJournal, Path(cfg.outbox.path).parent)
+    router = CommandRouter(lambda result: uplink.send_command_result(result) if uplink else None,
+                           journal=journal)
     services = build_services(cfg)
     service_ctx = ServiceContext(cfg=cfg, outbox=outbox, state_dir=Path(cfg.outbox.path).parent,
                                  loop=loop)

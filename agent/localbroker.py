@@ -13,6 +13,7 @@ import socket
 import subprocess
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -71,6 +72,19 @@ def make_tls_files(directory: str, client_cn: str = "edge-site") -> TlsFiles:
                     str(d / "client.pem"), str(d / "client.key"))
 
 
+def make_client_cert(directory: str, cn: str) -> tuple[str, str]:
+    """Another client certificate (``cn``) from the CA :func:`make_tls_files` made there:
+    ``(cert, key)`` paths. With ``use_identity_as_username`` the CN is the MQTT username."""
+    d = Path(directory)
+    name = "client-" + "".join(c if c.isalnum() or c in "-_" else "_" for c in cn)
+    for args in (("req", "-newkey", "rsa:2048", "-nodes", "-subj", f"/CN={cn}", "-keyout",
+                  f"{name}.key", "-out", f"{name}.csr"),
+                 ("x509", "-req", "-in", f"{name}.csr", "-CA", "ca.pem", "-CAkey", "ca.key",
+                  "-CAcreateserial", "-days", "2", "-out", f"{name}.pem")):
+        subprocess.run(["openssl", *args], cwd=d, check=True, capture_output=True)
+    return str(d / f"{name}.pem"), str(d / f"{name}.key")
+
+
 @dataclass
 class Broker:
     """A mosquitto we started; ``restart()`` keeps the same port and persistence."""
@@ -80,6 +94,9 @@ class Broker:
     tls: TlsFiles | None = None
     extra_conf: str = ""
     host: str = "127.0.0.1"
+    # A whole mosquitto.conf for this port instead of the one written here (the
+    # shipped config/mosquitto/ in the ACL tests); "user root" is added when root.
+    conf: Callable[[int], str] | None = field(default=None, repr=False)
     proc: subprocess.Popen[bytes] | None = field(default=None, repr=False)
 
     @property
@@ -87,6 +104,12 @@ class Broker:
         return os.path.join(self.workdir, "mosquitto.conf")
 
     def _write_conf(self) -> None:
+        if self.conf is not None:
+            text = self.conf(self.port)
+            if os.geteuid() == 0:
+                text += "\nuser root\n"   # see below: pytest's 0700 folders
+            Path(self.conf_path).write_text(text + "\nlog_dest stderr\n")
+            return
         lines = [
             f"listener {self.port} {self.host}",
             "allow_anonymous true",
@@ -152,7 +175,8 @@ class Broker:
 
 
 def start_broker(workdir: str | None = None, *, tls: TlsFiles | None = None,
-                 port: int | None = None, extra_conf: str = "") -> Broker:
+                 port: int | None = None, extra_conf: str = "",
+                 conf: Callable[[int], str] | None = None) -> Broker:
     workdir = workdir or tempfile.mkdtemp(prefix="edge-mosquitto-")
     return Broker(port=port or free_port(), workdir=workdir, tls=tls,
-                  extra_conf=extra_conf).start()
+                  extra_conf=extra_conf, conf=conf).start()

@@ -347,6 +347,12 @@ class PrinterService(BaseService):
         document, ref = parse_document(kind, body)
         dev = self.printer_for(kind, body.get("printer"))
         assert dev.worker is not None and dev.options is not None
+        limit = getattr(dev.options.document, "max_copies", None)
+        copies = getattr(document, "copies", 1)
+        if isinstance(limit, int) and isinstance(copies, int) and copies > limit:
+            raise PrintRefused(422, f"copies: {copies} is more than {dev.id} prints per job "
+                                    f"(max_copies = {limit} in its [[devices]] entry)",
+                               "copies", reason="invalid")
         data, summary = render_document(kind, document, dev.options.document)
         job = dev.worker.queue.job(data, job_id=job_id or uuid.uuid4().hex, summary=summary)
         if dev.preview_dir is not None:

@@ -330,6 +330,15 @@ class ScannerService(BaseService):
         if not isinstance(replace, bool):
             raise CatalogError("catalog-put: replace: must be true or false; nothing was "
                                "changed", "replace")
+        allow_empty = args.get("allow_empty", False)
+        if not isinstance(allow_empty, bool):
+            raise CatalogError("catalog-put: allow_empty: must be true or false; nothing was "
+                               "changed", "allow_empty")
+        if replace and not tags and not allow_empty:
+            # Issue 9: one empty list (a bug at HQ, a truncated export) wiped the catalog.
+            raise CatalogError("catalog-put: tags: empty with \"replace\": true would empty "
+                               "the catalog; send \"allow_empty\": true to mean it. Nothing "
+                               "was changed", "tags")
         return self._catalog("catalog-put").put(tags, replace=replace,
                                                 command_id=current_command_id.get())
 

@@ -335,6 +335,13 @@ def test_idempotency_key_reused_with_another_body_is_422(
 # -- refusals ----------------------------------------------------------------------------------
 
 
+def test_copies_over_the_printers_limit_is_422_naming_copies(site: PrintSite) -> None:
+    """copies beyond max_copies (default 50) is refused naming the field; nothing prints."""
+    r = site.post("/v1/print/label", {**LABEL, "copies": 51})
+    assert r.status_code == 422, r.text
+    assert r.json()["field"] == "copies" and "max_copies = 50" in r.json()["error"]
+
+
 def test_unknown_printer_is_404_naming_it(site: PrintSite) -> None:
     """A printer id that is not configured: 404 naming it and the printers there are."""
     r = site.post("/v1/print/label", {**LABEL, "printer": "zebra-9"})

@@ -218,6 +218,21 @@ def test_bad_catalog_commands_are_answered_naming_the_tag(rig: Rig) -> None:
     assert rig.client.get("/v1/catalog", headers=AUTH).json()["count"] == 1
 
 
+def test_replace_with_no_tags_needs_allow_empty(rig: Rig) -> None:
+    """catalog-put replace with an empty list is refused naming tags, unless allow_empty."""
+    assert rig.command("catalog-put", "seed", {"tags": [TAG, OTHER]})["ok"]
+    refused = rig.command("catalog-put", "wipe-1", {"tags": [], "replace": True})
+    assert refused["ok"] is False and "allow_empty" in refused["error"], refused
+    assert rig.client.get("/v1/catalog", headers=AUTH).json()["count"] == 2
+    bad = rig.command("catalog-put", "wipe-2", {"tags": [], "replace": True,
+                                               "allow_empty": "yes"})
+    assert bad["ok"] is False and "allow_empty: must be true" in bad["error"]
+    meant = rig.command("catalog-put", "wipe-3", {"tags": [], "replace": True,
+                                                 "allow_empty": True})
+    assert meant["ok"] and meant["result"]["removed"] == 2, meant
+    assert rig.client.get("/v1/catalog", headers=AUTH).json()["count"] == 0
+
+
 def test_catalog_commands_are_idempotent_by_id_even_after_a_restart(tmp_path: Path) -> None:
     """A command id applied before answers with its first result and does not run again."""
     path = tmp_path / CATALOG_FILE

@@ -408,7 +408,10 @@ class Uplink:
         with self._lock:
             self.ledger.rewind_all()   # HQ dedups by seq; whatever was in flight goes again
         if self.mq.protocol == "5":
-            topics: list[tuple[str, Any]] = [(self.topic_commands + "+", SubscribeOptions(qos=1))]
+            # retainAsPublished: a command someone publishes retained while we are
+            # connected arrives marked retained too (and is ignored, see _on_message).
+            topics: list[tuple[str, Any]] = [(self.topic_commands + "+", SubscribeOptions(
+                qos=1, retainAsPublished=True))]
             if self.hq_ack:
                 topics.append((self.topic_acks, SubscribeOptions(qos=1)))
         else:

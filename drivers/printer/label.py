@@ -94,6 +94,8 @@ class LabelOptions(BaseModel):
     licence_number: Annotated[str, Field(max_length=64)] = ""
     warning: Annotated[str, Field(max_length=1000)] = ""
     margin_mm: Annotated[float, Field(ge=0, le=20)] = 2.0
+    # The most copies one job may ask for (issue 9: ``copies: 500`` was accepted).
+    max_copies: Annotated[int, Field(ge=1, le=500)] = 50
 
     @property
     def dots_per_mm(self) -> float:
