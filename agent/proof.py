@@ -72,6 +72,45 @@ def verify(key: bytes, site: str, channel: str, message: dict[str, Any]) -> bool
                                compute(key, site, channel, message).encode())
 
 
+CLAIM_KEYS = ("floor", "lost", "seq_end")
+CLAIM_PROOF_KEY = "claim_proof"
+
+
+def claims_of(envelope: dict[str, Any]) -> dict[str, Any] | None:
+    """An envelope's coverage claims (``floor``, ``lost``, ``seq_end``: what lets HQ ack
+    seqs it never saw) with the ``id`` and ``seq`` they belong to; None if it makes none.
+    The claim proof is over this object, on channel ``claims/{kind}``."""
+    claims = {k: envelope[k] for k in CLAIM_KEYS if k in envelope}
+    if not claims:
+        return None
+    return {"id": envelope.get("id"), "seq": envelope.get("seq"), **claims}
+
+
+def with_claim_proof(body: bytes, key: bytes, site: str) -> bytes:
+    """The published envelope ``body`` with ``"claim_proof"`` spliced in first when it
+    makes coverage claims; unchanged otherwise (the common case: no parse)."""
+    if not (body.startswith(b'{"floor"') or b'"lost"' in body or b'"seq_end"' in body):
+        return body
+    try:
+        env = json.loads(body)
+    except (ValueError, RecursionError):
+        return body
+    claims = claims_of(env) if isinstance(env, dict) else None
+    if claims is None or not body.startswith(b'{"'):
+        return body
+    mac = compute(key, site, f"claims/{env.get('kind')}", claims)
+    return b'{"claim_proof":"%s",' % mac.encode() + body[1:]
+
+
+def claims_proved(key: bytes, envelope: dict[str, Any]) -> bool:
+    """Whether ``envelope``'s coverage claims carry a valid claim proof."""
+    claims = claims_of(envelope)
+    if claims is None:
+        return True
+    claims[PROOF_KEY] = envelope.get(CLAIM_PROOF_KEY)
+    return verify(key, str(envelope.get("site")), f"claims/{envelope.get('kind')}", claims)
+
+
 def read_site_key(path: str, config_key: str = "mqtt.hq_key_file") -> bytes:
     """A site key file: 64 hex digits (what ``hq site-key`` prints)."""
     text = _read(path, config_key)

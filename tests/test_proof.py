@@ -172,3 +172,63 @@ def test_hq_site_key_prints_what_the_agent_needs(site: LocalSite) -> None:
     bad = subprocess.run([*edge_agent_argv(), "hq", "site-key", "Bad Site", "--config",
                           str(site.hq_config)], capture_output=True, text=True, timeout=30)
     assert bad.returncode == 2 and "SITE" in bad.stderr
+
+
+def test_claim_proof_covers_floor_lost_and_seq_end() -> None:
+    """The agent's claim proof verifies at HQ; a changed or added claim, or none, does not."""
+    key = proof.derive_site_key(MASTER, "s1")
+    body = (b'{"v":1,"id":"e1","site":"s1","kind":"sensor","seq":7,"ts":"t","source":"x",'
+            b'"seq_end":9,"lost":[3,4],"data":{}}')
+    plain = b'{"v":1,"id":"e1","site":"s1","kind":"sale","seq":7,"data":{"note":"seq_end"}}'
+    assert proof.with_claim_proof(plain, key, "s1") == plain    # no claim keys, no proof
+    proved = json.loads(proof.with_claim_proof(body, key, "s1"))
+    assert proof.claims_proved(key, proved)
+    for changed in ({"seq_end": 10**9}, {"lost": [1, 4]}, {"floor": 6}, {"seq": 8},
+                    {"id": "e2"}, {"kind": "sale"}, {"site": "s2"}):
+        assert not proof.claims_proved(key, {**proved, **changed}), changed
+    assert not proof.claims_proved(key, json.loads(body))
+    floored = json.loads(proof.with_claim_proof(b'{"floor":6,' + body[1:], key, "s1"))
+    assert proof.claims_proved(key, floored)
+    assert not proof.claims_proved(proof.derive_site_key(MASTER, "s2"), floored)
+
+
+@pytest.mark.e2e
+def test_forged_floor_does_not_wedge(site: LocalSite) -> None:
+    """A forged event with a huge floor is stored, its floor ignored; real sales still drain."""
+    site.start()
+    root = f"edge/{site.site_id}"
+    post_sales(site, 3)
+    wait_for(lambda: status(site)["outbox"]["kinds"]["sale"]["depth"] == 0, timeout=30)
+    forged = {"v": 1, "id": "forged-floor-1", "site": site.site_id, "kind": "sale",
+              "seq": 1_000_000, "ts": "2026-11-22T17:03:11.482Z", "source": "attacker",
+              "floor": 999_999, "data": {}}
+    mosquitto_pub(site, f"{root}/events/sale", json.dumps(forged))
+    wait_for(lambda: any(e["id"] == "forged-floor-1" for e in site.hq_events("sale")),
+             timeout=15)
+    for n in range(4, 7):
+        code, body = site.request("POST", "/v1/events/sale", {"data": sample_sale(n)})
+        assert code == 202, body
+    wait_for(lambda: status(site)["outbox"]["kinds"]["sale"]["depth"] == 0, timeout=30)
+    snap = status(site)
+    assert snap["uplink"]["acks_refused"] == {}
+    assert [e["seq"] for e in site.hq_events("sale")] == [1, 2, 3, 4, 5, 6, 1_000_000]
+    assert "claims ['floor'] without valid proof" in (site.workdir / "hq.log").read_text()
+
+
+@pytest.mark.e2e
+def test_proved_floor_lets_a_fresh_hq_store_ack(site: LocalSite) -> None:
+    """The agent's own floor carries proof, so a fresh HQ store still acks past it."""
+    site.start()
+    post_sales(site, 3)
+    wait_for(lambda: status(site)["outbox"]["kinds"]["sale"]["depth"] == 0, timeout=30)
+    assert site.hq is not None
+    site.hq.terminate()
+    for path in site.hq_db.parent.glob("hq.db*"):
+        path.unlink()
+    for n in range(4, 6):
+        code, body = site.request("POST", "/v1/events/sale", {"data": sample_sale(n)})
+        assert code == 202, body
+    site.start_hq()
+    wait_for(lambda: status(site)["outbox"]["kinds"]["sale"]["depth"] == 0, timeout=30)
+    assert [e["seq"] for e in site.hq_events("sale")] == [4, 5]
+    assert "without valid proof" not in (site.workdir / "hq.log").read_text()

@@ -32,6 +32,7 @@ fleet store after the events.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import random
@@ -137,7 +138,7 @@ class HqReceiver:
         self.counters: dict[str, int] = dict.fromkeys(
             ("received", "stored", "duplicates", "malformed", "acks_sent", "connects",
              "store_failures", "taken_over", "fleet_messages", "fleet_malformed",
-             "fleet_failures"), 0)
+             "fleet_failures", "unproven_claims"), 0)
         self._fleet_batch: list[StatusMessage | HealthMessage] = []
         self._takeover_logged = False
         self._taken_over = False
@@ -145,6 +146,7 @@ class HqReceiver:
         self._drops: list[float] = []
         self._connected_at = 0.0
         self._lost_warned_at = -FLAP_WINDOW_S
+        self._claims_logged_at = -MALFORMED_LOG_INTERVAL_S
         self.subscribed = threading.Event()
         # The batch of the current read burst: PUBACK ids in arrival order (the
         # broker expects PUBACKs in that order) and the well-formed envelopes.
@@ -275,10 +277,40 @@ class HqReceiver:
         env = decode(payload)
         # decode() proved it UTF-8 JSON; the store keeps the agent's own bytes.
         row = event_row(env, payload.decode("utf-8"))
+        if self._master is not None and (row.floor is not None or row.lost is not None
+                                         or row.seq_end is not None):
+            row = self._checked_claims(topic, env, row)
         if (row.site, row.kind) != (rest[0], rest[2]):
             raise ValueError(f"envelope site/kind {row.site}/{row.kind} does not match the "
                              f"topic's {rest[0]}/{rest[2]}")
         return row
+
+    def _checked_claims(self, topic: str, env: dict[str, Any], row: EventRow) -> EventRow:
+        """Coverage claims (floor, lost, seq_end) are honoured only with valid proof:
+        a forged one would make HQ ack seqs it never saw. An unproven claim is an
+        anomaly (counted, logged on edges); the event itself is still stored."""
+        key = self._site_key(row.site)
+        if proof.claims_proved(key, env):
+            return row
+        self.counters["unproven_claims"] += 1
+        now = time.monotonic()
+        if now - self._claims_logged_at >= MALFORMED_LOG_INTERVAL_S:
+            self._claims_logged_at = now
+            log.warning("hq receiver: %s %s seq %d (id %s) on %s claims %s without valid "
+                        "proof: stored, claim ignored (%d so far; forged, or the site's "
+                        "mqtt.hq_key_file is not its 'hq site-key')", row.site, row.kind,
+                        row.seq, row.id[:64], topic, [k for k in proof.CLAIM_KEYS if k in env],
+                        self.counters["unproven_claims"])
+        else:
+            log.debug("hq receiver: unproven claim on %s seq %d", topic, row.seq)
+        return dataclasses.replace(row, floor=None, lost=None, seq_end=None)
+
+    def _site_key(self, site: str) -> bytes:
+        assert self._master is not None
+        key = self._site_keys.get(site)
+        if key is None:
+            key = self._site_keys[site] = proof.derive_site_key(self._master, site)
+        return key
 
     def _on_fleet(self, topic: str, payload: bytes) -> None:
         """A ``P/status`` or ``P/health`` message: parsed now, stored with the batch."""
@@ -533,10 +565,7 @@ class HqReceiver:
         site, kind = pair
         ack: dict[str, Any] = {"kind": kind, "upto": upto}
         if self._master is not None:
-            key = self._site_keys.get(site)
-            if key is None:
-                key = self._site_keys[site] = proof.derive_site_key(self._master, site)
-            ack = proof.sign(key, site, "acks", ack)
+            ack = proof.sign(self._site_key(site), site, "acks", ack)
         info = self._client.publish(f"{self._prefix}/{site}/acks",
                                     json.dumps(ack, separators=(",", ":")), qos=1)
         if info.rc == MQTTErrorCode.MQTT_ERR_SUCCESS:

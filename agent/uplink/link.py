@@ -715,6 +715,9 @@ class Uplink:
                         # fresh HQ store can ack. ``stats`` may be a moment old, but
                         # first_seq only grows and this row exists, so it is the oldest.
                         body = with_floor(body, seq - 1)
+                    if self.hq_key is not None:
+                        # floor, lost and seq_end let HQ ack seqs it never saw: prove them.
+                        body = proof.with_claim_proof(body, self.hq_key, self.cfg.site.id)
                     info, early = self._publish(client, self.topic_events[kind], body, qos=1)
                     if info.rc != MQTTErrorCode.MQTT_ERR_SUCCESS:
                         # Not connected any more, or paho's queue is full (the window plus
