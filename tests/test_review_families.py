@@ -73,7 +73,7 @@ def zpl_out() -> Iterator[FakePrinter]:
 
 def test_a_repeated_idempotency_key_with_another_label_keeps_the_printed_labels_tag(
         tmp_path: Path, zpl_out: FakePrinter) -> None:
-    """A resend under the same key with another body must not relabel the held job's events."""
+    """The same key with another body is 422 (issue 9) and must not relabel the held job."""
     site = PrintSite(tmp_path, [label_entry(zpl_out.url)])
     try:
         key = {"Idempotency-Key": "label-1"}
@@ -82,7 +82,9 @@ def test_a_repeated_idempotency_key_with_another_label_keeps_the_printed_labels_
         job_id = first.json()["job"]["job_id"]
         other = {**LABEL, "package_tag": "1A4FF0100000022000000999"}
         again = site.post("/v1/print/label", other, key)
-        assert again.status_code == 503 and again.json()["job"]["job_id"] == job_id
+        assert again.status_code == 422 and again.json()["field"] == "Idempotency-Key"
+        same = site.post("/v1/print/label", LABEL, key)
+        assert same.status_code == 503 and same.json()["job"]["job_id"] == job_id
         zpl_out.set_state("ok")
         wait_for(lambda: site.client.get(f"/v1/print/jobs/{job_id}", headers=AUTH)
                  .json()["outcome"] == "printed", what="the held label printed")
