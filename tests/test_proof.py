@@ -154,6 +154,11 @@ def test_forged_command_changes_nothing(site: LocalSite) -> None:
         assert answer["ok"] and answer["result"]["echo"] == 3
         wait_for(lambda: any(r["id"] == answer["id"] for r in results), timeout=5)
         assert not [r for r in results if r["id"].startswith("forged")]
+        # `edge-agent hq send` signs with the key it derives from hq.master_key_file.
+        sent = subprocess.run([*edge_agent_argv(), "hq", "send", "ping", "--site", site.site_id,
+                               "--args", '{"echo": 4}', "--config", str(site.hq_config)],
+                              capture_output=True, text=True, timeout=60)
+        assert sent.returncode == 0, sent.stderr
     finally:
         watcher.loop_stop()
         watcher.disconnect()

@@ -159,6 +159,14 @@ def send_main(cfg: HqReceiverConfig, name: str, site: str, args_json: str | None
     extra: dict[str, Any] = {}
     if m.username:
         extra["auth"] = (m.username, m.secret_password())
+    if cfg.hq.master_key_file:   # prove the command came from HQ (agent/proof.py)
+        from agent.proof import KeyFileError, derive_site_key, read_master_key
+
+        try:
+            extra["key"] = derive_site_key(read_master_key(cfg.hq.master_key_file), site)
+        except KeyFileError as exc:
+            print(exc, file=err)
+            return 2
     last: Exception | None = None
     # One id across hosts: an agent that got it through the first answers a repeat
     # with its first result instead of running it twice.
