@@ -131,6 +131,32 @@ def _shown(text: str, limit: int = 40) -> str:
     return repr(text if len(text) <= limit else text[:limit] + "...")
 
 
+def install_error_handlers(app: FastAPI) -> None:
+    """The one error shape for every app of ours (the site API, the HQ page): an
+    ApiProblem, a 404/405 and a request that fails validation all answer
+    ``error_body``, naming the field."""
+
+    @app.exception_handler(ApiProblem)
+    async def _on_problem(request: Request, exc: ApiProblem) -> JSONResponse:
+        return _problem_response(exc)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _on_http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        message = {404: f"no such path {_shown(request.url.path)}",
+                   405: f"method {request.method} not allowed on {_shown(request.url.path)}"} \
+            .get(exc.status_code, str(exc.detail))
+        return JSONResponse(error_body(message), status_code=exc.status_code,
+                            headers=exc.headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def _on_invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
+        problems = [{"field": ".".join(str(p) for p in err.get("loc", ())),
+                     "message": str(err.get("msg", "invalid"))} for err in exc.errors()]
+        first = problems[0] if problems else {"field": None, "message": "invalid request"}
+        return JSONResponse(error_body(f"{first['field']}: {first['message']}", first["field"],
+                                       problems), status_code=422)
+
+
 # -- ASGI middleware ---------------------------------------------------------------------
 
 
@@ -565,25 +591,7 @@ def create_app(ctx: ApiContext) -> FastAPI:
     app.add_middleware(BodyLimit, max_bytes=ctx.max_body_bytes)
     app.add_middleware(RequestAccounting, metrics=metrics, routes=lambda: app.router.routes)
 
-    @app.exception_handler(ApiProblem)
-    async def _on_problem(request: Request, exc: ApiProblem) -> JSONResponse:
-        return _problem_response(exc)
-
-    @app.exception_handler(StarletteHTTPException)
-    async def _on_http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-        message = {404: f"no such path {_shown(request.url.path)}",
-                   405: f"method {request.method} not allowed on {_shown(request.url.path)}"} \
-            .get(exc.status_code, str(exc.detail))
-        return JSONResponse(error_body(message), status_code=exc.status_code,
-                            headers=exc.headers)
-
-    @app.exception_handler(RequestValidationError)
-    async def _on_invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
-        problems = [{"field": ".".join(str(p) for p in err.get("loc", ())),
-                     "message": str(err.get("msg", "invalid"))} for err in exc.errors()]
-        first = problems[0] if problems else {"field": None, "message": "invalid request"}
-        return JSONResponse(error_body(f"{first['field']}: {first['message']}", first["field"],
-                                       problems), status_code=422)
+    install_error_handlers(app)
 
     @app.get("/healthz", response_model=Healthz, responses={503: {"model": Healthz}},
              summary="200 while the outbox can take events (no token needed)")

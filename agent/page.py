@@ -292,6 +292,64 @@ def install_page(app: FastAPI, ctx: ApiContext) -> None:
     app.include_router(page_router(ctx, closing, tap))
 
 
+def add_session_routes(router: APIRouter, *, check: Callable[[str], str | None],
+                       clock: Callable[[], float], required: str, tokens_key: str,
+                       log_name: str) -> None:
+    """``POST|GET|DELETE /v1/session`` on ``router``: sign in with a token, who am I,
+    sign out. One copy for the site page and the HQ page; ``check`` names a token's
+    owner (or None), ``required``/``tokens_key`` say in errors where tokens come from."""
+
+    @router.post("/v1/session")
+    async def sign_in(request: Request) -> Response:
+        # Signing in from another origin's page would plant that page's session here.
+        if "origin" in request.headers:
+            ok, why = same_origin(request)
+            if not ok:
+                raise ApiProblem(403, why, "Origin", reason="cross_origin")
+        body = parse_json_object(await request.body())
+        token = body.get("token")
+        if not isinstance(token, str) or not token.strip():
+            raise ApiProblem(422, f"token: required, {required}", "token")
+        name = check(token.strip())
+        client = request.client.host if request.client else "?"
+        if name is None:
+            log.info("%s: sign-in with an unknown token from %s", log_name, client)
+            raise ApiProblem(401, f"token: unknown token; check it against {tokens_key}",
+                             "token", reason="unauthenticated")
+        sessions: SessionStore = request.app.state.sessions
+        previous = request.cookies.get(COOKIE_NAME)
+        if previous:  # signing in again replaces this browser's session, never piles them up
+            sessions.delete(previous)
+        session_id, session = sessions.create(name)
+        log.info("%s: %s signed in from %s", log_name, name, client)
+        response = JSONResponse({"name": name, "expires": iso_ms(session.expires)})
+        _set_cookie(response, request, session_id, sessions.ttl_s)
+        return response
+
+    @router.get("/v1/session")
+    async def who(request: Request, name: Caller) -> Response:
+        sessions: SessionStore = request.app.state.sessions
+        cookie = request.cookies.get(COOKIE_NAME)
+        session = sessions.lookup(cookie) if cookie else None
+        response = JSONResponse({"name": name, "expires": None if session is None
+                                 else iso_ms(session.expires)})
+        if cookie and session is not None:  # slide the browser's expiry along with ours
+            _set_cookie(response, request, cookie, session.expires - clock())
+        return response
+
+    @router.delete("/v1/session")
+    async def sign_out(request: Request) -> Response:
+        cookie = request.cookies.get(COOKIE_NAME)
+        if cookie:
+            ok, why = same_origin(request)
+            if not ok:
+                raise ApiProblem(403, why, why.split(":", 1)[0], reason="cross_origin")
+            request.app.state.sessions.delete(cookie)
+        response = Response(status_code=204)
+        response.delete_cookie(COOKIE_NAME, path="/", httponly=True, samesite="strict")
+        return response
+
+
 def page_router(ctx: ApiContext, closing: threading.Event, tap: AlarmTap) -> APIRouter:
     router = APIRouter(include_in_schema=False)
     static = load_static()
@@ -327,56 +385,9 @@ def page_router(ctx: ApiContext, closing: threading.Event, tap: AlarmTap) -> API
             raise ApiProblem(404, f"no such file {name[:40]!r} in the site page", "name")
         return _static_response(request, file, {"X-Content-Type-Options": "nosniff"})
 
-    @router.post("/v1/session")
-    async def sign_in(request: Request) -> Response:
-        # Signing in from another origin's page would plant that page's session here.
-        if "origin" in request.headers:
-            ok, why = same_origin(request)
-            if not ok:
-                raise ApiProblem(403, why, "Origin", reason="cross_origin")
-        body = parse_json_object(await request.body())
-        token = body.get("token")
-        if not isinstance(token, str) or not token.strip():
-            raise ApiProblem(422, "token: required, the API token of this tablet (a line of "
-                                  "api.tokens_file)", "token")
-        name = ctx.tokens.check(token.strip())
-        client = request.client.host if request.client else "?"
-        if name is None:
-            log.info("page: sign-in with an unknown token from %s", client)
-            raise ApiProblem(401, "token: unknown token; check it against api.tokens_file",
-                             "token", reason="unauthenticated")
-        sessions: SessionStore = request.app.state.sessions
-        previous = request.cookies.get(COOKIE_NAME)
-        if previous:  # signing in again replaces this browser's session, never piles them up
-            sessions.delete(previous)
-        session_id, session = sessions.create(name)
-        log.info("page: %s signed in from %s", name, client)
-        response = JSONResponse({"name": name, "expires": iso_ms(session.expires)})
-        _set_cookie(response, request, session_id, sessions.ttl_s)
-        return response
-
-    @router.get("/v1/session")
-    async def who(request: Request, name: Caller) -> Response:
-        sessions: SessionStore = request.app.state.sessions
-        cookie = request.cookies.get(COOKIE_NAME)
-        session = sessions.lookup(cookie) if cookie else None
-        response = JSONResponse({"name": name, "expires": None if session is None
-                                 else iso_ms(session.expires)})
-        if cookie and session is not None:  # slide the browser's expiry along with ours
-            _set_cookie(response, request, cookie, session.expires - ctx.clock())
-        return response
-
-    @router.delete("/v1/session")
-    async def sign_out(request: Request) -> Response:
-        cookie = request.cookies.get(COOKIE_NAME)
-        if cookie:
-            ok, why = same_origin(request)
-            if not ok:
-                raise ApiProblem(403, why, why.split(":", 1)[0], reason="cross_origin")
-            request.app.state.sessions.delete(cookie)
-        response = Response(status_code=204)
-        response.delete_cookie(COOKIE_NAME, path="/", httponly=True, samesite="strict")
-        return response
+    add_session_routes(router, check=lambda token: ctx.tokens.check(token), clock=ctx.clock,
+                       required="the API token of this tablet (a line of api.tokens_file)",
+                       tokens_key="api.tokens_file", log_name="page")
 
     @router.get("/v1/page")
     async def page_view(request: Request, _: Caller) -> Response:

@@ -29,14 +29,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from fastapi import FastAPI, Request
-from fastapi.exceptions import RequestValidationError
+from fastapi import APIRouter, FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from agent import __version__
-from agent.api import ApiProblem, BodyLimit, Caller, error_body, parse_json_object
+from agent.api import (
+    ApiProblem,
+    BodyLimit,
+    Caller,
+    error_body,
+    install_error_handlers,
+)
 from agent.auth import Tokens
 from agent.config import SITE_ID_RE, HqReceiverConfig
 from agent.envelope import iso_ms
@@ -44,8 +48,8 @@ from agent.hq.fleet import FleetStore, by_risk, fleet_rows
 from agent.hq.fleet_cli import policy
 from agent.hq.metrics import HqMetrics
 from agent.hq.store import Store, StoreError, sqlite_path
-from agent.page import PAGE_HEADERS, _set_cookie, _static_response, load_static
-from agent.sessions import COOKIE_NAME, SessionStore, same_origin
+from agent.page import PAGE_HEADERS, _static_response, add_session_routes, load_static
+from agent.sessions import SessionStore
 
 log = logging.getLogger(__name__)
 
@@ -82,26 +86,7 @@ def create_hq_app(ctx: HqWebContext) -> FastAPI:
     registered = {s.id: s for s in ctx.cfg.hq.sites}
     rules = policy(ctx.cfg)
 
-    @app.exception_handler(ApiProblem)
-    async def _on_problem(request: Request, exc: ApiProblem) -> JSONResponse:
-        return JSONResponse(error_body(exc.message, exc.field, exc.problems, exc.reason),
-                            status_code=exc.status, headers=exc.headers)
-
-    @app.exception_handler(StarletteHTTPException)
-    async def _on_http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-        path = request.url.path[:60]
-        message = {404: f"no such path {path!r}",
-                   405: f"method {request.method} not allowed on {path!r}"} \
-            .get(exc.status_code, str(exc.detail))
-        return JSONResponse(error_body(message), status_code=exc.status_code,
-                            headers=exc.headers)
-
-    @app.exception_handler(RequestValidationError)
-    async def _on_invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
-        errors = exc.errors()
-        where = ".".join(str(p) for p in errors[0].get("loc", ())) if errors else None
-        message = str(errors[0].get("msg", "invalid")) if errors else "invalid request"
-        return JSONResponse(error_body(f"{where}: {message}", where), status_code=422)
+    install_error_handlers(app)
 
     @app.exception_handler(StoreError)
     async def _on_store(request: Request, exc: StoreError) -> JSONResponse:
@@ -138,46 +123,11 @@ def create_hq_app(ctx: HqWebContext) -> FastAPI:
             raise ApiProblem(404, f"no such file {name[:40]!r} in the HQ page", "name")
         return _static_response(request, file, {"X-Content-Type-Options": "nosniff"})
 
-    @app.post("/v1/session")
-    async def sign_in(request: Request) -> Response:
-        if "origin" in request.headers:
-            ok, why = same_origin(request)
-            if not ok:
-                raise ApiProblem(403, why, "Origin", reason="cross_origin")
-        body = parse_json_object(await request.body())
-        token = body.get("token")
-        if not isinstance(token, str) or not token.strip():
-            raise ApiProblem(422, "token: required, a token of [hq] tokens_file", "token")
-        name = ctx.tokens.check(token.strip())
-        if name is None:
-            log.info("hq page: sign-in with an unknown token from %s",
-                     request.client.host if request.client else "?")
-            raise ApiProblem(401, "token: unknown token; check it against [hq] tokens_file",
-                             "token", reason="unauthenticated")
-        sessions: SessionStore = request.app.state.sessions
-        previous = request.cookies.get(COOKIE_NAME)
-        if previous:
-            sessions.delete(previous)
-        session_id, session = sessions.create(name)
-        response = JSONResponse({"name": name, "expires": iso_ms(session.expires)})
-        _set_cookie(response, request, session_id, sessions.ttl_s)
-        return response
-
-    @app.get("/v1/session")
-    async def who(name: Caller) -> Response:
-        return _json({"name": name})
-
-    @app.delete("/v1/session")
-    async def sign_out(request: Request) -> Response:
-        cookie = request.cookies.get(COOKIE_NAME)
-        if cookie:
-            ok, why = same_origin(request)
-            if not ok:
-                raise ApiProblem(403, why, why.split(":", 1)[0], reason="cross_origin")
-            request.app.state.sessions.delete(cookie)
-        response = Response(status_code=204)
-        response.delete_cookie(COOKIE_NAME, path="/", httponly=True, samesite="strict")
-        return response
+    sessions_router = APIRouter()
+    add_session_routes(sessions_router, check=lambda token: ctx.tokens.check(token),
+                       clock=ctx.clock, required="a token of [hq] tokens_file",
+                       tokens_key="[hq] tokens_file", log_name="hq page")
+    app.include_router(sessions_router)
 
     @app.get("/v1/fleet")
     async def fleet(_: Caller) -> Response:
