@@ -8,7 +8,7 @@ by a restart (started, no answer) is answered as interrupted and not run
 again (at most once: for a printer, a second label is worse than a missing
 one, which HQ sees and can send again under a new id).
 
-A small SQLite file beside the outbox (WAL, ``synchronous=FULL``). Ids are
+A small SQLite file beside the outbox (WAL, ``synchronous=FULL``, mode 0600). Ids are
 kept ``KEEP_S``, far longer than HQ retries a command. A corrupt file is moved
 aside and a fresh one used, logged: ids from before are then forgotten, the
 same as the in-memory router was.
@@ -16,22 +16,20 @@ same as the in-memory router was.
 
 from __future__ import annotations
 
-import contextlib
 import json
-import logging
-import sqlite3
 import threading
 import time
 from pathlib import Path
 from typing import Any
 
-log = logging.getLogger(__name__)
+from agent.statefiles import open_db
 
 JOURNAL_FILE = "commands.sqlite"
 KEEP_S = 30 * 24 * 3600.0
 _SCHEMA = ("CREATE TABLE IF NOT EXISTS commands (id TEXT PRIMARY KEY, name TEXT NOT NULL, "
            "started_at REAL NOT NULL, answer TEXT)",
-           "CREATE INDEX IF NOT EXISTS commands_started ON commands (started_at)")
+           "CREATE INDEX IF NOT EXISTS commands_started ON commands (started_at)",
+           "SELECT COUNT(*) FROM commands")
 
 
 def interrupted(command_id: str, name: str) -> dict[str, Any]:
@@ -47,36 +45,11 @@ class CommandJournal:
 
     def __init__(self, directory: str | Path, *, now: float | None = None) -> None:
         self.path = Path(directory) / JOURNAL_FILE
-        self.path.parent.mkdir(parents=True, exist_ok=True)
         self._lock = threading.Lock()
-        try:
-            self._con = self._open()
-        except sqlite3.DatabaseError as exc:
-            aside = self.path.with_name(f"{self.path.name}.corrupt-{int(time.time())}")
-            log.error("commands: %s is unreadable (%s); moved to %s, starting a fresh one "
-                      "(ids from before are forgotten)", self.path, exc, aside)
-            self.path.rename(aside)
-            for suffix in ("-wal", "-shm"):
-                with contextlib.suppress(FileNotFoundError):
-                    self.path.with_name(self.path.name + suffix).unlink()
-            self._con = self._open()
+        self._con = open_db(self.path, _SCHEMA, "command ids from before are forgotten")
         cutoff = (time.time() if now is None else now) - KEEP_S
         with self._lock, self._con:
             self._con.execute("DELETE FROM commands WHERE started_at < ?", (cutoff,))
-
-    def _open(self) -> sqlite3.Connection:
-        con = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
-        try:
-            con.execute("PRAGMA journal_mode=WAL")
-            con.execute("PRAGMA synchronous=FULL")
-            for statement in _SCHEMA:
-                con.execute(statement)
-            con.execute("SELECT COUNT(*) FROM commands").fetchone()
-        except sqlite3.DatabaseError:
-            con.close()
-            raise
-        con.isolation_level = "DEFERRED"
-        return con
 
     def start(self, command_id: str, name: str) -> dict[str, Any] | None:
         """Record ``command_id`` as started; None if it is new, else the answer to give

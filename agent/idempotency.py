@@ -6,21 +6,18 @@ a reuse of the key with another body is refused (422 naming the header) rather
 than answered with the first request's result, which would tell a POS that a
 sale nobody stored was accepted. Shared by ``POST /v1/events/{kind}`` (the
 digest is kept with the stored answer in the outbox, so it survives restarts)
-and the print routes (kept with the job ids, in memory like the jobs).
+and the print routes (kept with the job on disk, ``agent/print_jobs.py``).
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import threading
-from collections import OrderedDict
 from typing import Any
 
 from agent.errors import AgentError
 
 HEADER = "Idempotency-Key"
-REMEMBERED = 10_000
 
 
 class IdempotencyKeyReused(AgentError):
@@ -38,23 +35,3 @@ def body_digest(body: Any) -> str:
     """The SHA-256 of a parsed JSON body, canonical (sorted keys, no spaces), in hex."""
     text = json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
-
-
-class KeyDigests:
-    """Keys seen and their bodies' digests, the last ``REMEMBERED`` of them (any thread)."""
-
-    def __init__(self, limit: int = REMEMBERED) -> None:
-        self._limit = limit
-        self._seen: OrderedDict[str, str] = OrderedDict()
-        self._lock = threading.Lock()
-
-    def check(self, key: str, digest: str) -> None:
-        """Remember ``key`` with ``digest``; raise if it came before with another one."""
-        with self._lock:
-            known = self._seen.get(key)
-            if known is not None and known != digest:
-                raise IdempotencyKeyReused(key)
-            self._seen[key] = digest
-            self._seen.move_to_end(key)
-            while len(self._seen) > self._limit:
-                self._seen.popitem(last=False)

@@ -10,10 +10,13 @@
 - ``POST /v1/print/receipt/preview`` and ``/v1/print/label/preview``: the same
   bodies, answered with the PNG of what would print (no printer touched).
 - ``GET /v1/print/jobs/{job_id}``: the latest result of a job (a held one's
-  outcome once the printer recovers).
+  outcome once the printer recovers), to the caller that made it only (404 to
+  any other token).
 
 An ``Idempotency-Key`` header makes the job id (scoped by caller): a repeat
-prints nothing more and answers with the job's result, final if it has one.
+prints nothing more and answers with the job's result, final if it has one,
+also after a restart (jobs are on disk, ``agent/print_jobs.py``); the same key
+with another body is 422.
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 
 from agent.api import ApiProblem, Caller, ErrorBody, error_body, parse_json_object
-from agent.idempotency import IdempotencyKeyReused, KeyDigests, body_digest
+from agent.idempotency import IdempotencyKeyReused, body_digest
 from agent.print_documents import PrintRefused
 from agent.printing import ANSWER_TIMEOUT_S
 from drivers.printer import JobResult, Label
@@ -87,23 +90,22 @@ def _job_id(request: Request, caller: str) -> str | None:
 
 def print_router(service: PrinterService) -> APIRouter:
     router = APIRouter(tags=["printing"])
-    digests = KeyDigests()   # a job id's body: a key reused with another body is 422
 
     async def print_document(kind: Kind, request: Request, caller: str) -> Response:
         body = await _body(request)
         job_id = _job_id(request, caller)
-        if job_id is not None:
-            try:
-                digests.check(f"{kind}/{job_id}", body_digest(body))
-            except IdempotencyKeyReused as exc:
-                raise ApiProblem(422, str(exc), exc.field,
-                                 reason="idempotency_key_reused") from None
+        # The body's digest goes on disk with the job: a key reused with another body is 422.
+        digest = body_digest({"kind": kind, "body": body}) if job_id is not None else None
         try:
+            if job_id is not None:   # before the body's own checks, as the first answer did
+                await asyncio.to_thread(service.check_key, job_id, digest)
             prepared = await asyncio.to_thread(service.prepare, kind, body, job_id)
+            ticket = await asyncio.to_thread(service.submit, prepared, caller, digest=digest)
         except PrintRefused as exc:
             raise _refused(exc) from None
+        except IdempotencyKeyReused as exc:
+            raise ApiProblem(422, str(exc), exc.field, reason="idempotency_key_reused") from None
         dev = prepared.device
-        ticket = service.submit(prepared, caller)
         try:
             # Shielded: a client that goes away must not cancel the job's future,
             # which another request for the same job id may be waiting on.
@@ -162,12 +164,16 @@ def print_router(service: PrinterService) -> APIRouter:
     async def preview_label(request: Request, _: Caller) -> Response:
         return await preview("label", request)
 
-    @router.get("/v1/print/jobs/{job_id:path}", summary="The latest result of a print job")
-    async def job(job_id: str, _: Caller) -> JSONResponse:
-        result = service.job_result(job_id)
+    @router.get("/v1/print/jobs/{job_id:path}", summary="The latest result of a print job "
+                "(only to the caller that made it)",
+                responses={401: _ERRORS[401], 404: {"description": "no such job of this caller",
+                                                    "model": ErrorBody}})
+    async def job(job_id: str, caller: Caller) -> JSONResponse:
+        result = await asyncio.to_thread(service.job_result, job_id, caller)
         if result is None:
-            raise ApiProblem(404, f"job_id: no print job {job_id[:64]!r} (results are kept for "
-                                  "the last jobs since the agent started)", "job_id")
+            # The same answer for another caller's job as for none: ids say nothing.
+            raise ApiProblem(404, f"job_id: no print job {job_id[:64]!r} of {caller} (jobs "
+                                  "are kept a week, the last 10,000)", "job_id")
         return JSONResponse(result.as_dict())
 
     return router

@@ -7,9 +7,15 @@ One :class:`PrinterWorker` (a thread owning the printer's connection, from
 
 - ``POST /v1/print/receipt`` and ``POST /v1/print/label`` (``agent/print_api.py``);
 - HQ commands ``print-receipt`` and ``print-label``, whose command id is the
-  job id, so a resent command does not print twice (ids are remembered in
-  memory, like the command router's: not across a restart);
+  job id, so a resent command does not print twice;
 - nothing else: a printer never prints by itself.
+
+Every job is on disk before it is queued (``agent/print_jobs.py``): a job held
+for a printer that is down survives a restart and prints when the printer is
+back, a finished one answers a repeated Idempotency-Key or command id after a
+restart without printing again, and a job whose bytes were on the way when the
+agent stopped is not sent twice. ``GET /v1/print/jobs/{id}`` answers only the
+caller that made the job.
 
 Every job is recorded as a ``print`` event: its first outcome (printed, sent,
 or held with the printer's fault) and, for a held job, the final one (printed
@@ -30,6 +36,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import hmac
 import json
 import logging
 import re
@@ -50,12 +57,14 @@ from prometheus_client.registry import Collector
 from agent.commands import current_command_id
 from agent.config import AgentConfig, DeviceConfig, SiteConfig
 from agent.errors import AgentError, ConfigIssue, DeviceError
+from agent.idempotency import IdempotencyKeyReused
 from agent.print_documents import (
     PrintRefused,
     parse_document,
     preview_document,
     render_document,
 )
+from agent.print_jobs import PrintJobsFull, PrintJobStore, StoredJob
 from agent.services import BaseService, CommandHandler, ServiceContext
 from drivers.printer import (
     DEVICE_TYPES,
@@ -74,6 +83,7 @@ from drivers.printer import (
     printer_options,
 )
 from drivers.printer.device import Kind
+from drivers.printer.job import Outcome
 from drivers.printer.transport import open_transport
 
 if TYPE_CHECKING:
@@ -89,6 +99,8 @@ STATE_WATCH_S = 0.25  # how often printer states are compared for device events
 ANSWER_TIMEOUT_S = 30.0  # longest wait for a job's first attempt (API, commands)
 STOP_WORKER_S = 0.5
 RESULTS_KEPT = 2000  # latest result per job id, for GET /v1/print/jobs/{id}
+# The owner of HQ's jobs: no token name has an "@" (agent/auth.py), so no API caller reads them.
+HQ_OWNER = "@hq"
 FAULT_TEXT = {
     "paper_out": "paper out",
     "head_open": "head or cover open",
@@ -98,6 +110,8 @@ FAULT_TEXT = {
     "offline": "offline (not reachable)",
     "no_answer": "not answering status queries",
     "unknown": "state unknown",
+    "not_recorded": "the job could not be recorded on the agent's disk",
+    "interrupted": "the agent stopped while the job was being sent",
 }
 _UNSAFE_NAME = re.compile(r"[^A-Za-z0-9_.-]+")
 
@@ -190,6 +204,34 @@ def _json_ready(value: Any) -> Any:
 
 
 @dataclass(frozen=True)
+class JobInfo:
+    """Who made a job (owner: may read it; source: its events' source) and what it prints."""
+
+    source: str
+    owner: str
+    ref: dict[str, str] = field(default_factory=dict)
+
+
+def _resolved(result: JobResult) -> JobTicket:
+    """A ticket for a job finished before this start: both answers are its stored result."""
+    first: Future[JobResult] = Future()
+    final: Future[JobResult] = Future()
+    first.set_result(result)
+    final.set_result(result)
+    return JobTicket(result.job_id, first, final)
+
+
+def _stored_result(row: StoredJob) -> JobResult:
+    """The result of a stored job: its final one, else "held" with what is known of it."""
+    result = row.result or {}
+    kind: Kind = "receipt" if row.kind == "receipt" else "label"
+    return JobResult(row.job_id, row.printer, kind, result.get("outcome", "held"),
+                     int(result.get("attempts", row.attempts)), result.get("fault", row.fault),
+                     result.get("detail", "waiting for the printer"), time.monotonic(),
+                     row.summary)
+
+
+@dataclass(frozen=True)
 class PreparedJob:
     """A document rendered for one printer, not yet submitted."""
 
@@ -219,7 +261,13 @@ class PrinterService(BaseService):
         self.browser: PrinterBrowser | None = None
         self._lock = threading.Lock()
         self._results: OrderedDict[str, JobResult] = OrderedDict()
-        self._jobs: OrderedDict[str, tuple[str, dict[str, str]]] = OrderedDict()  # source, ref
+        self._jobs: OrderedDict[str, JobInfo] = OrderedDict()
+        # Held around every write of a job's state and its event, and by stop(): once
+        # stopped, a printer thread past its deadline records nothing (the next start
+        # settles the job from disk), so no job gets both a "failed" and a "printed".
+        self._record_lock = threading.Lock()
+        self._closed = False
+        self.store: PrintJobStore | None = None
         self._watch_task: asyncio.Task[None] | None = None
         self._seen: dict[str, tuple[Any, ...]] = {}
         self.emit_failures = 0
@@ -233,6 +281,7 @@ class PrinterService(BaseService):
             if device.enabled:
                 dev.worker = build_worker(device.id, kind, device.url, dev.options,
                                           on_result=functools.partial(self._on_result, dev))
+                dev.worker.queue.journal = self
         except OptionsError as exc:
             dev.error = f"option {exc.key}: {exc.reason}"
         except BadDeviceUrl as exc:
@@ -263,6 +312,10 @@ class PrinterService(BaseService):
 
     async def start(self, ctx: ServiceContext) -> None:
         self._ctx = ctx
+        self.store = await asyncio.to_thread(PrintJobStore, ctx.state_dir)
+        for dev, result in await asyncio.to_thread(self._restore):
+            await self._emit("print", self._print_event(dev.id, dev.type, result),
+                             self._info(result.job_id).source)
         for dev in self.printers.values():
             if dev.worker is not None:
                 dev.worker.start()
@@ -275,29 +328,73 @@ class PrinterService(BaseService):
             if await browser.start():
                 self.browser = browser
 
+    def _restore(self) -> list[tuple[PrinterDevice, JobResult]]:
+        """Queue the jobs left waiting by the last run; settle those that cannot be.
+
+        Blocking (the store); before the workers start. Returns the results to
+        record as ``print`` events: jobs cut off mid-send, for a printer no longer
+        configured, or past their deadline.
+        """
+        assert self.store is not None
+        settled: list[tuple[PrinterDevice, JobResult]] = []
+        now = time.time()
+        for row in self.store.waiting():
+            with self._lock:
+                self._jobs[row.job_id] = JobInfo(row.source, row.owner, row.ref)
+            dev = self.printers.get(row.printer)
+            kind: Kind = "receipt" if row.kind == "receipt" else "label"
+            outcome: Outcome = "failed"
+            fault, detail = row.fault or "unknown", ""
+            if row.state == "sending":
+                fault = "interrupted"
+                detail = ("the agent stopped while its bytes were being sent; it may have "
+                          "printed, so it is not sent again (print it again with a new request "
+                          "if it did not)")
+            elif dev is None or dev.worker is None or dev.kind != kind or row.data is None:
+                detail = (f"printer {row.printer} is no longer configured or not running; "
+                          "not printed")
+            elif row.expires_at <= now:
+                outcome = "expired"
+                detail = f"not printed before its deadline, which passed while the agent was " \
+                         f"stopped, after {row.attempts} attempt(s)"
+            else:
+                queue = dev.worker.queue
+                left = row.expires_at - now
+                queue.submit(PrintJob(row.job_id, kind, row.data, queue.clock(),
+                                      queue.clock() + left, row.summary))
+                log.info("%s: job %s (%s) was waiting when the agent stopped; queued again",
+                         dev.id, row.job_id, row.summary)
+                continue
+            result = JobResult(row.job_id, row.printer, kind, outcome, row.attempts, fault,
+                               detail, time.monotonic(), row.summary)
+            log.warning("%s: job %s (%s) %s: %s", row.printer, row.job_id, row.summary,
+                        outcome, detail)
+            self.store.finish(row.job_id, result.as_dict())
+            self._remember(result)
+            settled.append((dev or PrinterDevice(row.printer, "unknown", kind, "", False),
+                            result))
+        return settled
+
     async def stop(self) -> None:
         if self._watch_task is not None:
             self._watch_task.cancel()
             self._watch_task = None
         workers = [dev.worker for dev in self.printers.values() if dev.worker is not None]
-        await asyncio.gather(*(asyncio.to_thread(w.stop, STOP_WORKER_S) for w in workers))
+        try:
+            await asyncio.gather(*(asyncio.to_thread(w.stop, STOP_WORKER_S) for w in workers))
+        finally:
+            # Waiting jobs stay on disk, held, for the next start. A worker still in an
+            # attempt past its deadline records nothing from here on.
+            await asyncio.to_thread(self._close_records)
         if self.browser is not None:
             await self.browser.close()
             self.browser = None
-        # Held jobs live in memory: say what became of them rather than let them vanish.
-        for dev in self.printers.values():
-            if dev.worker is None:
-                continue
-            queue = dev.worker.queue
-            held = {h["job_id"]: h for h in queue.snapshot()["held"]}
-            for job in queue.pending():
-                info = held.get(job.id, {})
-                result = JobResult(job.id, dev.id, job.kind, "failed", info.get("attempts", 0),
-                                   info.get("fault") or "unknown",
-                                   "edge-agent stopped before the printer could print it; "
-                                   "not printed", queue.clock(), job.summary)
-                await self._emit("print", self._print_event(dev, result),
-                                 self._job_source(job.id, final=True)[0])
+
+    def _close_records(self) -> None:
+        with self._record_lock:
+            self._closed = True
+            if self.store is not None:
+                self.store.close()
 
     # -- jobs ---------------------------------------------------------------------------------
 
@@ -374,21 +471,71 @@ class PrinterService(BaseService):
             log.warning("%s: cannot write the preview of job %s to %s: %s", dev.id, job.id,
                         dev.preview_dir, exc)
 
-    def submit(self, prepared: PreparedJob, source: str) -> JobTicket:
-        """Queue the job on its printer (thread-safe); a known job id gets its old ticket."""
-        with self._lock:
-            # A resend under a job id already queued keeps the first caller and ref: the
-            # queue prints the first job's bytes, so its events must name that document.
-            if prepared.job.id not in self._jobs:
-                self._jobs[prepared.job.id] = (source, prepared.ref)
-            while len(self._jobs) > RESULTS_KEPT:
-                self._jobs.popitem(last=False)
-        assert prepared.device.worker is not None
-        return prepared.device.worker.submit(prepared.job)
+    def submit(self, prepared: PreparedJob, source: str, *, owner: str | None = None,
+               digest: str | None = None) -> JobTicket:
+        """Record the job on disk, then queue it; a known job id gets its old ticket.
 
-    def job_result(self, job_id: str) -> JobResult | None:
+        Blocking (a commit): from a thread. ``owner`` may read the job (default:
+        ``source``); ``digest`` is the request body's, for an Idempotency-Key job id:
+        the same id with another body raises IdempotencyKeyReused. PrintRefused
+        (503) when too many jobs wait already or the agent is stopping.
+        """
+        job, dev = prepared.job, prepared.device
+        assert dev.worker is not None
+        with self._record_lock:
+            if self._closed or self.store is None:
+                raise PrintRefused(503, f"{dev.id}: edge-agent is not running its printers "
+                                        "(starting or stopping); not queued", reason="stopping")
+            row = self.store.get(job.id)
+            if row is None:
+                try:
+                    self.store.add(job_id=job.id, printer=dev.id, kind=job.kind,
+                                   owner=owner or source, source=source, ref=prepared.ref,
+                                   digest=digest, summary=job.summary, data=job.data,
+                                   expires_at=time.time() + (job.expires_at
+                                                             - dev.worker.queue.clock()))
+                except PrintJobsFull as exc:
+                    raise PrintRefused(503, f"{dev.id}: {exc}", reason="queue_full") from None
+                with self._lock:
+                    self._jobs[job.id] = JobInfo(source, owner or source, prepared.ref)
+                    self._jobs.move_to_end(job.id)
+                    while len(self._jobs) > RESULTS_KEPT:
+                        self._jobs.popitem(last=False)
+                return dev.worker.submit(job)
+        # A job id seen before (a resend, a retry with the same Idempotency-Key): its
+        # first document is what prints, so nothing of this request is queued.
+        if digest is not None and row.digest is not None and row.digest != digest:
+            raise IdempotencyKeyReused(job.id)
+        holder = self.printers.get(row.printer)
+        known = holder.worker.queue.ticket(job.id) if holder and holder.worker else None
+        if known is not None:
+            return known
+        return _resolved(_stored_result(row))
+
+    def check_key(self, job_id: str, digest: str | None) -> None:
+        """IdempotencyKeyReused if job ``job_id`` was made from another body. Blocking."""
+        row = self.store.get(job_id) if self.store is not None else None
+        if row is not None and None not in (digest, row.digest) and row.digest != digest:
+            raise IdempotencyKeyReused(job_id)
+
+    def job_result(self, job_id: str, owner: str) -> JobResult | None:
+        """The latest result of ``owner``'s job ``job_id``; None if unknown or not theirs.
+
+        Blocking (may read the store): from a thread.
+        """
         with self._lock:
-            return self._results.get(job_id)
+            result = self._results.get(job_id)
+            info = self._jobs.get(job_id)
+        if info is not None:
+            if not hmac.compare_digest(info.owner, owner):
+                return None
+            if result is not None:
+                return result
+        store = self.store
+        row = store.get(job_id) if store is not None else None
+        if row is None or not hmac.compare_digest(row.owner, owner):
+            return None
+        return result or _stored_result(row)
 
     def not_printed_message(self, dev: PrinterDevice, result: JobResult) -> str:
         what = result.summary or f"{result.kind} job"
@@ -409,35 +556,60 @@ class PrinterService(BaseService):
 
     # -- results and events (printer threads -> outbox) -------------------------------------
 
-    def _job_source(self, job_id: str, final: bool) -> tuple[str, dict[str, str]]:
+    def _info(self, job_id: str) -> JobInfo:
         with self._lock:
-            if final:
-                return self._jobs.pop(job_id, ("edge-agent", {}))
-            return self._jobs.get(job_id, ("edge-agent", {}))
+            return self._jobs.get(job_id) or JobInfo("edge-agent", "edge-agent")
 
-    def _on_result(self, dev: PrinterDevice, result: JobResult) -> None:
-        """From the printer's thread: remember the result, record it as a ``print`` event."""
+    def _remember(self, result: JobResult) -> None:
         with self._lock:
             self._results[result.job_id] = result
             self._results.move_to_end(result.job_id)
             while len(self._results) > RESULTS_KEPT:
                 self._results.popitem(last=False)
-        source, _ = self._job_source(result.job_id, final=False)
-        data = self._print_event(dev, result)
-        if result.final:
-            self._job_source(result.job_id, final=True)
-        self._emit_threadsafe("print", data, source)
 
-    def _print_event(self, dev: PrinterDevice, result: JobResult) -> dict[str, Any]:
-        _, ref = self._job_source(result.job_id, final=False)
+    # The queue's JobJournal (drivers/printer/job.py), from the printer's thread.
+
+    def sending(self, job: PrintJob) -> None:
+        with self._record_lock:
+            if self._closed or self.store is None:
+                raise AgentError("edge-agent is stopping")
+            self.store.mark(job.id, "sending")
+
+    def unsent(self, job: PrintJob, result: JobResult) -> None:
+        with self._record_lock:
+            if not self._closed and self.store is not None:
+                self.store.mark(job.id, "held", attempts=result.attempts, fault=result.fault)
+
+    def _on_result(self, dev: PrinterDevice, result: JobResult) -> None:
+        """From the printer's thread: the job's state on disk, then its ``print`` event."""
+        with self._record_lock:
+            if self._closed or self.store is None:
+                log.warning("%s: job %s ended %s after the printers stopped; not recorded now "
+                            "(the next start settles it from disk)", dev.id, result.job_id,
+                            result.outcome)
+                return
+            try:
+                if result.final:
+                    self.store.finish(result.job_id, result.as_dict())
+                else:
+                    self.store.mark(result.job_id, "held", attempts=result.attempts,
+                                    fault=result.fault)
+            except Exception:  # the event still records what happened
+                log.exception("%s: cannot record job %s as %s on disk", dev.id, result.job_id,
+                              result.outcome)
+            self._remember(result)
+            self._emit_threadsafe("print", self._print_event(dev.id, dev.type, result),
+                                  self._info(result.job_id).source)
+
+    def _print_event(self, device: str, device_type: str, result: JobResult) -> dict[str, Any]:
         status = result.status_after or result.status_before
         return {
-            "device": dev.id,
-            "type": dev.type,
+            "device": device,
+            "type": device_type,
             "job_id": result.job_id,
             "document": result.kind,
             "summary": result.summary,
-            **ref,
+            **self._info(result.job_id).ref,
             "outcome": result.outcome,
             "printed": result.outcome == "printed",
             "fault": result.fault,
@@ -578,7 +750,7 @@ class PrinterService(BaseService):
             # In a command worker thread: blocking waits are fine here.
             prepared = self.prepare(kind, args, job_id=current_command_id.get())
             dev = prepared.device
-            ticket = self.submit(prepared, "hq")
+            ticket = self.submit(prepared, "hq", owner=HQ_OWNER)
             try:
                 first = ticket.first.result(timeout=ANSWER_TIMEOUT_S)
             except TimeoutError:

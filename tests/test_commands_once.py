@@ -146,3 +146,38 @@ def test_retained_print_command_never_prints(site: LocalSite, printer: FakePrint
                           timeout=30)
     assert answer["ok"], answer
     assert printer.printed == [receipt("R-000302")]
+
+
+@pytest.mark.e2e
+def test_held_print_jobs_survive_a_restart_and_print_once(site: LocalSite,
+                                                         printer: FakePrinter) -> None:
+    """Paper out: an API job and an HQ command are held; SIGKILL; paper back: each prints once,
+    and the same Idempotency-Key and command id then answer without printing again."""
+    assert site.broker is not None
+    root = f"edge/{site.site_id}"
+    printer.set_state("paper_out")
+    key = {"Idempotency-Key": "receipt-R-000311"}
+    api_body = {"sale": {**SALE, "receipt_number": "R-000311"}}
+    status, body = site.request("POST", "/v1/print/receipt", api_body, headers=key)
+    assert (status, body["job"]["outcome"]) == (503, "held"), body
+    job_id = body["job"]["job_id"]
+    args = {"sale": {**SALE, "receipt_number": "R-000312"}}
+    held = send_command("127.0.0.1", site.broker.port, root, "print-receipt", args,
+                        command_id="hq-held-312", key=site.site_key, timeout=30)
+    assert held["ok"] is False and "held" in held["error"], held
+    restart_agent(site)                   # SIGKILL while both wait for paper
+    assert printer.printed == []
+    printer.set_state("ok")
+    wait_for(lambda: printer.printed == [receipt("R-000311"), receipt("R-000312")], timeout=20)
+    wait_for(lambda: {e["data"]["job_id"] for e in site.hq_events("print")
+                      if e["data"]["outcome"] == "printed"} == {job_id, "hq-held-312"},
+             timeout=30)
+    status, body = site.request("POST", "/v1/print/receipt", api_body, headers=key)
+    assert (status, body["outcome"], body["job_id"]) == (200, "printed", job_id), body
+    assert site.request("GET", f"/v1/print/jobs/{job_id}")[1]["outcome"] == "printed"
+    other = {"Authorization": f"Bearer {site.token}-pos"}   # the pos-1 token: not its job
+    assert site.request("GET", f"/v1/print/jobs/{job_id}", headers=other)[0] == 404
+    again = send_command("127.0.0.1", site.broker.port, root, "print-receipt", args,
+                         command_id="hq-held-312", key=site.site_key, timeout=30)
+    assert again == held
+    assert printer.printed == [receipt("R-000311"), receipt("R-000312")]

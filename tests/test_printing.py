@@ -13,6 +13,8 @@ import asyncio
 import io
 import json
 import socket
+import stat
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -26,6 +28,7 @@ from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
 from zeroconf import IPVersion, ServiceInfo, Zeroconf
 
+import agent.print_jobs as print_jobs
 import agent.printing as printing
 from agent import cli
 from agent.api import ApiContext, create_app
@@ -55,6 +58,8 @@ from tests.printer_fakes import (
 SITE = "co-denver-01"
 TOKEN = "pos-token-0123456789abcdef"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
+OTHER_TOKEN = "pos-3-token-0123456789abcdef"
+OTHER_AUTH = {"Authorization": f"Bearer {OTHER_TOKEN}"}
 # Quick printers: a held job is retried every 0.1 s, silence is decided in 0.3 s.
 QUICK = {"retry_interval_s": 0.1, "status_timeout_s": 0.3, "status_interval_s": 0.2}
 RECEIPT_BYTES = render_receipt(SALE, ReceiptOptions(**RECEIPT_OPTIONS))
@@ -88,7 +93,8 @@ class PrintSite:
         self.outbox = Outbox(str(tmp / "outbox"), SITE, max_bytes=1 << 26)
         self.outbox.open()
         self.service = PrinterService(self.cfg)
-        self.ctx = ApiContext(cfg=self.cfg, outbox=self.outbox, tokens=Tokens({"pos-2": TOKEN}),
+        tokens = Tokens({"pos-2": TOKEN, "pos-3": OTHER_TOKEN})
+        self.ctx = ApiContext(cfg=self.cfg, outbox=self.outbox, tokens=tokens,
                               uplink_snapshot=lambda: {"state": "connected",
                                                        "since": time.time()},
                               devices_snapshot=lambda: all_devices([self.service]),
@@ -270,18 +276,126 @@ def test_a_held_job_that_never_prints_expires_with_an_event(tmp_path: Path) -> N
             s.close()
 
 
-def test_stopping_records_held_jobs_as_failed(tmp_path: Path) -> None:
-    """A job still held when the agent stops is recorded as failed, never left unsaid."""
+def test_a_job_held_at_stop_stays_held_and_prints_after_the_next_start(tmp_path: Path) -> None:
+    """Stopping records no "failed": the held job is on disk and the next start prints it once."""
     with fake_escpos_printer("paper_out") as fake:
         s = PrintSite(tmp_path, [receipt_entry(fake.url)])
         try:
             job_id = s.post("/v1/print/receipt", {"sale": SALE}).json()["job"]["job_id"]
             s.stop_service()
-            events = s.print_events(job_id)
-            assert [e["outcome"] for e in events] == ["held", "failed"]
-            assert "stopped" in events[1]["detail"] and events[1]["fault"] == "paper_out"
+            wait_for(lambda: s.print_events(job_id), what="the held event")
+            assert [e["outcome"] for e in s.print_events(job_id)] == ["held"]
         finally:
             s.close()
+        fake.set_state("ok")
+        s = PrintSite(tmp_path, [receipt_entry(fake.url)])
+        try:
+            wait_for(lambda: [e["outcome"] for e in s.print_events(job_id)] == ["held", "printed"],
+                     what="the held job printed after the restart")
+            assert fake.printed == [RECEIPT_BYTES]
+            assert s.client.get(f"/v1/print/jobs/{job_id}", headers=AUTH).json()["outcome"] == \
+                "printed"
+        finally:
+            s.close()
+
+
+def test_an_idempotency_key_replays_across_a_restart_without_printing(tmp_path: Path) -> None:
+    """After a restart the same key and body answer the first job's result; another body is 422."""
+    key = {"Idempotency-Key": "sale-R-000123"}
+    with fake_escpos_printer() as fake:
+        s = PrintSite(tmp_path, [receipt_entry(fake.url)])
+        try:
+            first = s.post("/v1/print/receipt", {"sale": SALE}, key)
+            assert first.status_code == 200, first.text
+        finally:
+            s.close()
+        s = PrintSite(tmp_path, [receipt_entry(fake.url)])
+        try:
+            again = s.post("/v1/print/receipt", {"sale": SALE}, key)
+            assert again.status_code == 200, again.text
+            assert (again.json()["job_id"], again.json()["outcome"]) == (
+                first.json()["job_id"], "printed")
+            other = s.post("/v1/print/receipt", {"sale": {**SALE, "register": "pos-9"}}, key)
+            assert other.status_code == 422 and other.json()["field"] == "Idempotency-Key"
+            assert fake.printed == [RECEIPT_BYTES]
+        finally:
+            s.close()
+
+
+def test_a_print_job_is_read_only_by_the_caller_that_made_it(site: PrintSite) -> None:
+    """GET /v1/print/jobs/{id}: the owner's token reads it; another token gets 404, as for none."""
+    r = site.post("/v1/print/receipt", {"sale": SALE}, {"Idempotency-Key": "k-1"})
+    assert r.status_code == 200, r.text
+    job_id = r.json()["job_id"]
+    assert site.client.get(f"/v1/print/jobs/{job_id}", headers=AUTH).status_code == 200
+    theirs = site.client.get(f"/v1/print/jobs/{job_id}", headers=OTHER_AUTH)
+    none = site.client.get("/v1/print/jobs/pos-3:nothing", headers=OTHER_AUTH)
+    assert (theirs.status_code, none.status_code) == (404, 404)
+    assert theirs.json()["field"] == "job_id"
+
+
+def test_a_worker_past_its_stop_deadline_records_one_outcome(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A printer thread that finishes a job after stop() gave up on it records nothing then;
+    the next start records it once (failed: it may have printed), never also "printed"."""
+    with fake_escpos_printer() as fake:
+        s = PrintSite(tmp_path, [receipt_entry(fake.url)])
+        try:
+            dev = s.service.printers["counter-1-receipt"]
+            assert dev.worker is not None
+            printer, thread = dev.worker.queue.printer, dev.worker._thread
+            assert thread is not None
+            real_confirm, in_confirm, gate = printer.confirm, threading.Event(), threading.Event()
+
+            def slow_confirm(timeout: float | None = None) -> Any:
+                status = real_confirm(timeout)  # the printer said it printed...
+                in_confirm.set()
+                gate.wait(10)                   # ...and this thread is slow to go on
+                return status
+
+            monkeypatch.setattr(printer, "confirm", slow_confirm)
+            prepared = s.service.prepare("receipt", {"sale": SALE})
+            s.service.submit(prepared, "pos-2")
+            assert in_confirm.wait(10)
+            s.stop_service()                    # gives up on the worker after STOP_WORKER_S
+            gate.set()
+            thread.join(10)
+            assert not thread.is_alive()
+            assert s.print_events(prepared.job.id) == []
+        finally:
+            gate.set()
+            s.close()
+        assert fake.printed == [RECEIPT_BYTES]
+        s = PrintSite(tmp_path, [receipt_entry(fake.url)])
+        try:
+            events = s.print_events(prepared.job.id)
+            assert [(e["outcome"], e["fault"]) for e in events] == [("failed", "interrupted")]
+            assert "may have printed" in events[0]["detail"]
+            assert fake.printed == [RECEIPT_BYTES]  # not sent again
+        finally:
+            s.close()
+
+
+def test_waiting_print_jobs_are_bounded(site: PrintSite, escpos: FakePrinter,
+                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Past MAX_WAITING held jobs a new one is refused with 503 queue_full, not dropped."""
+    monkeypatch.setattr(print_jobs, "MAX_WAITING", 2)
+    escpos.set_state("paper_out")
+    codes = [site.post("/v1/print/receipt", {"sale": {**SALE, "receipt_number": f"R-{i}"}})
+             for i in range(3)]
+    assert [r.status_code for r in codes] == [503, 503, 503]
+    assert [r.json()["reason"] for r in codes] == ["paper_out", "paper_out", "queue_full"]
+    assert "2 print jobs" in codes[2].json()["error"]
+
+
+def test_print_state_files_are_private(site: PrintSite, tmp_path: Path) -> None:
+    """The print jobs and the command journal are mode 0600, whatever the umask."""
+    from agent.command_journal import CommandJournal
+
+    site.post("/v1/print/receipt", {"sale": SALE})
+    CommandJournal(tmp_path).close()
+    for name in ("print-jobs.sqlite", "print-jobs.sqlite-wal", "commands.sqlite"):
+        assert stat.S_IMODE((tmp_path / name).stat().st_mode) == 0o600, name
 
 
 def test_print_events_reach_the_outbox_without_the_event_loop(tmp_path: Path,

@@ -24,7 +24,7 @@ from collections import Counter, OrderedDict
 from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, Protocol
 
 from drivers.printer.device import Kind, Printer
 from drivers.printer.errors import TransportError
@@ -147,6 +147,16 @@ class _Entry:
     held: bool = False
 
 
+class JobJournal(Protocol):
+    """Told before a job's bytes go and when, sent, they did not print (the agent keeps jobs
+    on disk across restarts with it). ``sending`` raising keeps the bytes back: the job is
+    held with the fault ``not_recorded``."""
+
+    def sending(self, job: PrintJob) -> None: ...
+
+    def unsent(self, job: PrintJob, result: JobResult) -> None: ...
+
+
 class PrintQueue:
     """The jobs of one printer, in order. ``submit`` from any thread; ``run_due`` from one."""
 
@@ -160,6 +170,7 @@ class PrintQueue:
         self.job_ttl_s = job_ttl_s or JOB_TTL_S
         self.hold_on_unknown = hold_on_unknown
         self.on_result = on_result
+        self.journal: JobJournal | None = None
         self.stats = FaultStats()
         self.last_status: PrinterStatus | None = None
         self._active_faults: frozenset[str] = frozenset()
@@ -188,6 +199,12 @@ class PrintQueue:
             self._pending[job.id] = _Entry(job, ticket)
             self.stats.jobs_submitted += 1
             return ticket
+
+    def ticket(self, job_id: str) -> JobTicket | None:
+        """The ticket of a job this queue holds or remembers, else None."""
+        with self._lock:
+            known = self._pending.get(job_id) or self._done.get(job_id)
+            return known.ticket if known is not None else None
 
     def pending(self) -> list[PrintJob]:
         with self._lock:
@@ -262,12 +279,21 @@ class PrintQueue:
             # ESC/POS silence is "unknown", not a fault; by default a job is
             # still not sent blind to a printer that should answer and does not.
             return self._hold(entry, now, "no_answer", before.detail, before, None)
+        if self.journal is not None:
+            try:
+                self.journal.sending(entry.job)
+            except Exception as exc:  # not on record: sending now could print it twice
+                log.error("printer %s: job %s not sent: it could not be recorded first (%s)",
+                          printer.name, entry.job.id, exc)
+                return self._hold(entry, now, "not_recorded",
+                                  f"the job could not be recorded before sending ({exc})",
+                                  before, None)
         try:
             printer.send(entry.job.data)
         except TransportError as exc:
             self._observe_fault("offline", now)
             printer.cancel()  # part of the job may be in the printer: it must not print alone
-            return self._hold(entry, now, "offline", str(exc), before, None)
+            return self._unsent(entry, self._hold(entry, now, "offline", str(exc), before, None))
         if not printer.can_report:
             return self._finish(entry, now, "sent", None,
                                 f"sent to {printer.url}, which cannot report whether it printed",
@@ -276,10 +302,10 @@ class PrintQueue:
         self._observe(after, self.clock())
         if after.faulted:
             printer.cancel()
-            return self._hold(entry, now, after.faults[0],
-                              f"{after.detail} after the job was sent; the printer's buffer was "
-                              f"cleared and the job will be sent again when it recovers",
-                              before, after)
+            return self._unsent(entry, self._hold(
+                entry, now, after.faults[0], f"{after.detail} after the job was sent; the "
+                "printer's buffer was cleared and the job will be sent again when it recovers",
+                before, after))
         if after.printable and not after.formats_queued:
             return self._finish(entry, now, "printed", None, after.detail, before, after)
         why = (f"{after.formats_queued} format(s) still waiting in the printer"
@@ -287,6 +313,15 @@ class PrintQueue:
         return self._finish(entry, now, "sent", None,
                             f"sent, but the printer did not confirm it printed: {why}",
                             before, after)
+
+    def _unsent(self, entry: _Entry, result: JobResult) -> JobResult:
+        if self.journal is not None:
+            try:
+                self.journal.unsent(entry.job, result)
+            except Exception:  # it stays "sending" on record: not sent again after a restart
+                log.exception("printer %s: cannot record job %s as held", self.printer.name,
+                              entry.job.id)
+        return result
 
     def _observe(self, status: PrinterStatus, now: float) -> None:
         self.last_status = status
