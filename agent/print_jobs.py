@@ -41,6 +41,7 @@ MAX_WAITING = 500
 MAX_WAITING_BYTES = 32 << 20
 DONE_KEPT = 10_000
 DONE_KEEP_S = 7 * 24 * 3600.0
+PRUNE_EVERY = 500  # finished jobs between prunes
 WAITING = ("queued", "sending", "held")
 _SCHEMA = (
     "CREATE TABLE IF NOT EXISTS jobs (job_id TEXT PRIMARY KEY, printer TEXT NOT NULL, "
@@ -109,6 +110,7 @@ class PrintJobStore:
         self._lock = threading.Lock()
         self._con = open_db(self.path, _SCHEMA, "print jobs held before are lost")
         self._closed = False
+        self._finished = 0
         self.prune()
 
     def get(self, job_id: str) -> StoredJob | None:
@@ -160,6 +162,9 @@ class PrintJobStore:
                 "fault = ?, updated_at = ? WHERE job_id = ?",
                 (json.dumps(result, default=str), int(result.get("attempts") or 0),
                  result.get("fault"), self.clock(), job_id))
+            self._finished += 1
+        if self._finished % PRUNE_EVERY == 0:
+            self.prune()
 
     def prune(self) -> None:
         """Forget finished jobs older than ``DONE_KEEP_S`` and beyond the last ``DONE_KEPT``."""
@@ -168,7 +173,7 @@ class PrintJobStore:
                               (self.clock() - DONE_KEEP_S,))
             self._con.execute(
                 "DELETE FROM jobs WHERE state = 'done' AND rowid NOT IN (SELECT rowid FROM jobs "
-                "WHERE state = 'done' ORDER BY updated_at DESC LIMIT ?)", (DONE_KEPT,))
+                "WHERE state = 'done' ORDER BY updated_at DESC, rowid DESC LIMIT ?)", (DONE_KEPT,))
 
     def close(self) -> None:
         with self._lock:

@@ -734,3 +734,21 @@ def test_edge_agent_devices_lists_configured_and_found_printers(
     found = [d for d in listing["discovered"] if d["name"] == "Test Zebra ZT411"]
     assert found and found[0]["configured_as"] == "packaging-zebra"
     assert (found[0]["host"], found[0]["port"]) == ("127.0.0.1", advertised_zebra.port)
+
+
+def test_finished_print_jobs_are_forgotten_beyond_the_bound(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The job store keeps the last DONE_KEPT finished jobs, pruned as jobs finish."""
+    monkeypatch.setattr(print_jobs, "DONE_KEPT", 3)
+    monkeypatch.setattr(print_jobs, "PRUNE_EVERY", 2)
+    store = print_jobs.PrintJobStore(tmp_path)
+    try:
+        for i in range(6):
+            store.add(job_id=f"j{i}", printer="p", kind="receipt", owner="pos", source="pos",
+                      ref={}, digest=None, summary="", data=b"x", expires_at=time.time() + 60)
+            store.finish(f"j{i}", {"outcome": "printed", "attempts": 1})
+        assert [store.get(f"j{i}") is not None for i in range(6)] == [False] * 3 + [True] * 3
+        last = store.get("j5")
+        assert last is not None and last.done and last.data is None
+    finally:
+        store.close()
