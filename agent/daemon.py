@@ -131,7 +131,9 @@ async def serve(cfg: AgentConfig) -> int:
     journal = await asyncio.to_thread(CommandJournal, Path(cfg.outbox.path).parent)
     router = CommandRouter(lambda result: uplink.send_command_result(result) if uplink else None,
                            journal=journal)
-    services = build_services(cfg)
+    # In a thread: building the families imports their drivers (pymodbus, escpos, ...),
+    # which would hold the loop for most of a second.
+    services = await asyncio.to_thread(build_services, cfg)
     service_ctx = ServiceContext(cfg=cfg, outbox=outbox, state_dir=Path(cfg.outbox.path).parent,
                                  loop=loop)
     failed: list[dict[str, Any]] = []

@@ -88,10 +88,6 @@ class EventTooLarge(OutboxError):
         super().__init__(f"{kind} event is {size} bytes; the limit is {limit} bytes")
 
 
-class UplinkError(AgentError):
-    """The MQTT uplink cannot be set up (bad TLS files, unusable broker address)."""
-
-
 class DeviceError(AgentError):
     """A device failed; ``device`` is its configured id."""
 

@@ -60,8 +60,14 @@ def write_toml(path: str | Path, sections: dict[str, Any]) -> None:
     Path(path).write_text("\n".join(out), encoding="utf-8")
 
 
+# How many times edge_agent_argv() was asked: the suite checks that a test starting
+# a real edge-agent carries the e2e marker (tests/conftest.py).
+ARGV_CALLS = [0]
+
+
 def edge_agent_argv() -> list[str]:
     """How to start this checkout's ``edge-agent``: the console script beside our Python."""
+    ARGV_CALLS[0] += 1
     script = Path(sys.executable).with_name("edge-agent")
     if script.exists():
         return [str(script)]

@@ -621,7 +621,7 @@ class PrinterService(BaseService):
     def _emit_threadsafe(self, kind: str, data: dict[str, Any], source: str) -> None:
         """From a printer thread: straight to the outbox's thread-safe submit.
 
-        Not through the loop (``ctx.emit_threadsafe``): a task there is cancelled
+        Not through the loop (``run_coroutine_threadsafe``): a task there is cancelled
         when the loop winds down, and its cancellation reaches the outbox's
         future, so an event of a job that did print could be dropped while
         stopping. The outbox's writer takes it from here, in submit order (a

@@ -169,7 +169,6 @@ class ScannerService(BaseService):
         catalog = Catalog(Path(ctx.state_dir) / CATALOG_FILE)
         await asyncio.to_thread(catalog.open)
         self.catalog = catalog
-        ctx.shared["catalog"] = catalog
         self._pump = asyncio.create_task(self._deliver_loop(), name="scans-deliver")
         for entry in self.scanners.values():
             if entry.enabled and entry.problem is None:

@@ -15,7 +15,7 @@ import asyncio
 import importlib
 import json
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
@@ -46,20 +46,11 @@ class ServiceContext:
     outbox: Outbox
     state_dir: Path
     loop: asyncio.AbstractEventLoop
-    shared: dict[str, Any] = field(default_factory=dict)  # e.g. "catalog" for printers
 
     async def emit(self, kind: str, data: dict[str, Any], source: str) -> Accepted:
         """Commit one event; raises the outbox's errors (OutboxFull, DiskFull, ...)."""
         return await self.outbox.append(kind, json.dumps(data, separators=(",", ":"),
                                                          ensure_ascii=False), source)
-
-    def emit_threadsafe(self, kind: str, data: dict[str, Any], source: str) -> None:
-        """From a device thread: schedule :meth:`emit` on the loop, fire and forget.
-
-        Failures are logged by the service's own done-callback if it cares; the
-        outbox counts refusals either way.
-        """
-        asyncio.run_coroutine_threadsafe(self.emit(kind, data, source), self.loop)
 
 
 @runtime_checkable

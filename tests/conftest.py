@@ -2,18 +2,29 @@
 
 from __future__ import annotations
 
+import asyncio
 import itertools
+import logging
 import os
+import threading
 import time
 from collections.abc import Callable, Iterator
 from typing import TypeVar
 
 import pytest
 
+from agent import localsite
 from agent.localbroker import Broker, start_broker
 from agent.localpg import PgServer, start_pg
 
 T = TypeVar("T")
+
+# A callback or task step that holds the event loop longer than this fails the test.
+# EDGE_TEST_LOOP_LIMIT_S raises it on a machine busy with other work (wall time is what
+# asyncio measures, so a starved CPU looks like a blocked loop); CI uses the default.
+LOOP_BLOCK_LIMIT_S = float(os.environ.get("EDGE_TEST_LOOP_LIMIT_S", "0.1"))
+# How long a test's threads get to finish after it (and its fixtures) end.
+THREAD_GRACE_S = 5.0
 
 
 def wait_for(predicate: Callable[[], T], timeout: float = 10.0, interval: float = 0.02,
@@ -97,3 +108,74 @@ _pg_databases = itertools.count(1)
 def pg_url(pg_server: PgServer) -> str:
     """A fresh, empty database on the session's private PostgreSQL."""
     return pg_server.create_database(f"t{next(_pg_databases)}_{os.getpid()}")
+
+
+class _DebugLoopPolicy(asyncio.DefaultEventLoopPolicy):
+    """Every new loop in debug mode: a step over the limit is logged by asyncio, and a
+    loop method called from the wrong thread raises instead of corrupting the loop."""
+
+    def new_event_loop(self) -> asyncio.AbstractEventLoop:
+        loop = super().new_event_loop()
+        loop.set_debug(True)
+        loop.slow_callback_duration = LOOP_BLOCK_LIMIT_S
+        return loop
+
+
+class _SlowSteps(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.found: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        message = record.getMessage()
+        if message.startswith("Executing ") and " took " in message:
+            self.found.append(message)
+
+
+@pytest.fixture(autouse=True)
+def loop_never_blocks(request: pytest.FixtureRequest) -> Iterator[None]:
+    """Fail a test in which an event loop step ran longer than LOOP_BLOCK_LIMIT_S (the
+    way python-zeroconf's suite guards its loop); asyncio's debug mode does the timing."""
+    handler = _SlowSteps()
+    logger = logging.getLogger("asyncio")
+    logger.addHandler(handler)
+    old_policy = asyncio.get_event_loop_policy()
+    asyncio.set_event_loop_policy(_DebugLoopPolicy())
+    try:
+        yield
+    finally:
+        asyncio.set_event_loop_policy(old_policy)
+        logger.removeHandler(handler)
+    if handler.found:
+        pytest.fail(f"the event loop blocked for over {LOOP_BLOCK_LIMIT_S * 1000:.0f} ms: "
+                    + "; ".join(handler.found[:3]), pytrace=False)
+
+
+@pytest.fixture(autouse=True)
+def no_thread_left_behind(request: pytest.FixtureRequest) -> Iterator[None]:
+    """Fail a test that leaves a thread running once it and its fixtures are done (as
+    python-zeroconf's suite does); threads get THREAD_GRACE_S to wind down."""
+    before = set(threading.enumerate())
+    yield
+    deadline = time.monotonic() + THREAD_GRACE_S
+    while True:
+        # asyncio_N: the default executor's workers of a loop a longer-lived fixture
+        # owns (Playwright's); they end with that loop (python-zeroconf skips them too).
+        left = [t for t in threading.enumerate() if t not in before and t.is_alive()
+                and not t.name.startswith("asyncio_")]
+        if not left or time.monotonic() > deadline:
+            break
+        time.sleep(0.02)
+    if left:
+        pytest.fail("threads still running after the test: "
+                    + ", ".join(sorted(t.name for t in left)), pytrace=False)
+
+
+@pytest.fixture(autouse=True)
+def process_tests_marked(request: pytest.FixtureRequest) -> Iterator[None]:
+    """Fail a test that starts a real edge-agent process without the ``e2e`` marker."""
+    before = localsite.ARGV_CALLS[0]
+    yield
+    if localsite.ARGV_CALLS[0] != before and request.node.get_closest_marker("e2e") is None:
+        pytest.fail("this test starts the real edge-agent: mark it @pytest.mark.e2e",
+                    pytrace=False)

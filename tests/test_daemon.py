@@ -79,6 +79,7 @@ def test_a_family_that_fails_to_start_does_not_stop_the_site(
     assert any(r.startswith("device_down: broken") for r in status["reasons"])
 
 
+@pytest.mark.e2e
 def test_port_in_use_is_a_clear_error(tmp_path: Path) -> None:
     """`edge-agent run` on a taken API port exits 1 naming the address and the keys to check."""
     import socket

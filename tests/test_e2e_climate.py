@@ -67,6 +67,7 @@ def _alarms(site: LocalSite) -> list[tuple[str, str]]:
             if e["data"]["code"].startswith("climate_")]
 
 
+@pytest.mark.e2e
 def test_modbus_readings_and_one_alarm_each_way_reach_hq(site: LocalSite,
                                                           peer: tuple[ModbusPeer, int]) -> None:
     """Readings with VPD reach HQ; out of band past the delay: one raised, back: one cleared."""

@@ -6,6 +6,8 @@ import json
 import subprocess
 from pathlib import Path
 
+import pytest
+
 from agent.hardware import inventory, keyboard_inputs, usb_devices
 from agent.localsite import edge_agent_argv, write_toml
 
@@ -47,6 +49,7 @@ def test_keyboard_wedges_and_missing_roots(tmp_path: Path) -> None:
     assert inventory(tmp_path / "nope", tmp_path / "nope")["usb_devices"] == []
 
 
+@pytest.mark.e2e
 def test_devices_command_prints_inventory_and_configured(tmp_path: Path) -> None:
     """`edge-agent devices --json` lists configured devices, local hardware and mDNS finds."""
     tokens = tmp_path / "tokens"

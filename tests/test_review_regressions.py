@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 
 from agent.envelope import decode
-from agent.errors import DiskFull
+from agent.errors import DiskFull, OutboxFull
 from agent.hq.receiver import HqReceiver
 from agent.hq.store import SqliteStore
 from agent.localbroker import Broker
@@ -145,7 +145,8 @@ def test_readings_published_before_a_sigkill_are_never_thinned(tmp_path: Path) -
     ob = Outbox(str(path), SITE, max_bytes=1 << 12, ballast_bytes=0, clock=lambda: T0)
     ob.open()
     try:
-        with contextlib.suppress(Exception):  # at the cap: thinning is tried, then refused
+        # At the cap: thinning is tried, finds nothing it may touch, and the reading is refused.
+        with pytest.raises(OutboxFull):
             ob.submit("sensor", reading(1), "sensors").result(5)
         sent = envelopes(ob, "sensor")
     finally:

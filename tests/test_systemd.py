@@ -240,6 +240,7 @@ def test_udev_rules_and_device_allow_agree() -> None:
                     f"{cls}: module {CLASS_MODULE[cls]} not loaded at boot by {MODULES_LOAD.name}")
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("unit", [u for u in UNITS
                                   if parse_unit(u)["Service"]["Type"][-1] == "notify"],
                          ids=lambda p: p.name)

@@ -168,7 +168,8 @@ class TcpProxy:
         self.port = self.listener.getsockname()[1]
         self.conns: list[socket.socket] = []
         self.lock = threading.Lock()
-        threading.Thread(target=self._accept, daemon=True).start()
+        self.threads = [threading.Thread(target=self._accept, daemon=True)]
+        self.threads[0].start()
 
     def _accept(self) -> None:
         while True:
@@ -180,7 +181,9 @@ class TcpProxy:
             with self.lock:
                 self.conns += [down, up]
             for a, b in ((down, up), (up, down)):
-                threading.Thread(target=self._pipe, args=(a, b), daemon=True).start()
+                pipe = threading.Thread(target=self._pipe, args=(a, b), daemon=True)
+                self.threads.append(pipe)
+                pipe.start()
 
     @staticmethod
     def _pipe(src: socket.socket, dst: socket.socket) -> None:
@@ -200,8 +203,13 @@ class TcpProxy:
             s.close()
 
     def close(self) -> None:
+        # shutdown() wakes the thread blocked in accept(); close() alone does not.
+        with contextlib.suppress(OSError):
+            self.listener.shutdown(socket.SHUT_RDWR)
         self.listener.close()
         self.cut()
+        for thread in self.threads:
+            thread.join(5)
 
 
 # --------------------------------------------------------------------------- pure parts
@@ -285,7 +293,8 @@ def test_nothing_leaves_the_outbox_until_hq_acks(broker: Broker, outbox: Any, ma
     up = make_uplink(config(broker.port, protocol=protocol), outbox)
     submit(outbox, "plant", 10)
     wait_for(lambda: len(hq.seqs("plant")) == 10, what="plant events at HQ")
-    time.sleep(0.2)  # give a wrong delete a chance to happen
+    # Every PUBACK handled: a delete on the broker's word would have happened by now.
+    wait_for(lambda: up.snapshot()["pubacks"] >= 10, what="the broker's PUBACKs")
     assert depth(outbox, "plant") == 10
     hq.send_ack("plant", 6)
     wait_for(lambda: depth(outbox, "plant") == 4, what="delete up to 6")
@@ -314,9 +323,9 @@ def test_resend_after_ack_timeout(broker: Broker, outbox: Any, make_hq: Any,
     assert all(len(v) == 1 for v in copies.values()), "a resend must be byte-identical"
     hq.send_ack("sale", 3)
     wait_for(lambda: depth(outbox, "sale") == 0, what="acked")
-    n = len(hq.seqs("sale"))
-    time.sleep(0.5)
-    assert len(hq.seqs("sale")) == n, "no resends once everything is acked"
+    # Resends come only from what is in flight: nothing left there, nothing goes again.
+    wait_for(lambda: up.snapshot()["unacked"]["sale"] == 0, what="nothing in flight")
+    assert up.snapshot()["acked_upto"]["sale"] == 3
 
 
 def test_broker_killed_mid_stream(broker: Broker, outbox: Any, make_hq: Any,
@@ -448,10 +457,12 @@ def test_a_full_window_of_sensors_leaves_room_for_a_sale(broker: Broker, outbox:
     up = make_uplink(config(broker.port, max_inflight=40), outbox)
     submit(outbox, "sensor", 200)
     wait_for(lambda: len(hq.seqs("sensor")) >= 35, what="sensor window full")
-    time.sleep(0.1)
-    assert up.snapshot()["unacked"]["sensor"] == 35   # 40 less the 1/8 reserve
     submit(outbox, "sale", 1)
     wait_for(lambda: hq.seqs("sale") == [1], timeout=2, what="the sale at HQ")
+    # The sale went out after the sensors on one connection, so any sensor beyond the
+    # window would have reached HQ before it: the window held at 40 less the 1/8 reserve.
+    assert len(hq.seqs("sensor")) == 35
+    assert up.snapshot()["unacked"]["sensor"] == 35
 
 
 def test_commands_and_results(broker: Broker, outbox: Any, make_hq: Any,
@@ -460,8 +471,7 @@ def test_commands_and_results(broker: Broker, outbox: Any, make_hq: Any,
     hq = make_hq(broker.port)
     got: list[tuple[str, bytes]] = []
     up = make_uplink(config(broker.port), outbox, on_command=lambda n, p: got.append((n, p)))
-    wait_for(lambda: connected(up), what="connected")
-    time.sleep(0.1)  # the SUBSCRIBE follows CONNACK
+    assert up.subscribed.wait(10), "the uplink's SUBSCRIBE was never granted"
     hq.client.publish(f"{ROOT}/commands/reprint", b'{"id":"c1","args":{}}', qos=1)
     wait_for(lambda: got, what="command delivered")
     assert got == [("reprint", b'{"id":"c1","args":{}}')]

@@ -121,7 +121,8 @@ class Uplink:
         self._last_ack_ts: float | None = None
         self._last_error: str | None = None
         self.counters = {"acks": 0, "reconnects": 0, "publish_failures": 0, "bad_acks": 0,
-                         "forged_acks": 0, "forged_commands": 0, "retained_commands": 0}
+                         "forged_acks": 0, "forged_commands": 0, "retained_commands": 0,
+                         "pubacks": 0}
         # Acks refused per kind (beyond what was sent, or without valid proof): a
         # kind whose acks keep being refused does not drain (status degrades on it).
         self.acks_refused: dict[str, int] = {}
@@ -148,6 +149,10 @@ class Uplink:
         self._event_mids: dict[int, SentEvent] = {}
         self._result_mids: dict[int, bytes] = {}
         self._goodbye_mid: int | None = None
+        # Set once the broker granted this connection's SUBSCRIBE (acks and commands
+        # flow only after that); cleared with the connection. Any thread may wait on it.
+        self.subscribed = threading.Event()
+        self._subscribe_mid: int | None = None
         self._goodbye_acked = False
         self._early_pubacks: dict[int, ReasonCode] = {}
         self._ack_due: dict[str, int] = {}
@@ -220,6 +225,7 @@ class Uplink:
                 "forged_acks": self.counters["forged_acks"],
                 "forged_commands": self.counters["forged_commands"],
                 "retained_commands": self.counters["retained_commands"],
+                "pubacks": self.counters["pubacks"],
                 "acks_refused": dict(self.acks_refused),
                 "last_error": self._last_error,
             }
@@ -322,6 +328,7 @@ class Uplink:
         client.on_disconnect = self._on_disconnect
         client.on_message = self._on_message
         client.on_publish = self._on_publish
+        client.on_subscribe = self._on_subscribe
         client.on_log = self._on_log
         return client
 
@@ -375,6 +382,8 @@ class Uplink:
     def _close_client(self) -> None:
         client, self._client = self._client, None
         self._connected = False
+        self.subscribed.clear()
+        self._subscribe_mid = None
         self._event_mids.clear()
         if self._result_mids:
             # Results still waiting for their PUBACK go again, first, on the next connection.
@@ -418,9 +427,20 @@ class Uplink:
             topics = [(self.topic_commands + "+", 1)]
             if self.hq_ack:
                 topics.append((self.topic_acks, 1))
-        client.subscribe(topics)
+        self._subscribe_mid = client.subscribe(topics)[1]
         client.publish(self.topic_status, self._status("online"), qos=1, retain=True)
         self._next_health = 0.0
+
+    def _on_subscribe(self, client: mqtt.Client, userdata: Any, mid: int,
+                      reasons: list[ReasonCode], properties: Properties | None) -> None:
+        if mid != self._subscribe_mid:
+            return
+        refused = [str(r) for r in reasons if r.is_failure]
+        if refused:
+            # The broker's ACL may refuse acks or commands: say so once per connection.
+            log.error("uplink: the broker refused our subscriptions (%s): HQ's acks or "
+                      "commands will not arrive; check the broker ACL", ", ".join(refused))
+        self.subscribed.set()
 
     def _on_disconnect(self, client: mqtt.Client, userdata: Any,
                        flags: mqtt.DisconnectFlags, reason: ReasonCode,
@@ -462,6 +482,7 @@ class Uplink:
                           self.topic_events[entry.kind])
         assert self.ledger is not None
         with self._lock:
+            self.counters["pubacks"] += 1
             upto = self.ledger.puback(entry, ok, time.monotonic())
             if upto is not None:   # broker-ack: the deletable prefix grew
                 self.counters["acks"] += 1
