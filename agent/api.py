@@ -585,7 +585,7 @@ def create_app(ctx: ApiContext) -> FastAPI:
     app.state.metrics = metrics
     # Beside the outbox, in the daemon's state directory (as the services' state_dir).
     app.state.sessions = SessionStore(Path(ctx.cfg.outbox.path).parent / "sessions.json",
-                                      clock=ctx.clock)
+                                      clock=ctx.clock, fingerprint=ctx.tokens.fingerprint)
     # add_middleware puts the last one outermost: accounting sees every answer,
     # the 413s of BodyLimit included.
     app.add_middleware(BodyLimit, max_bytes=ctx.max_body_bytes)

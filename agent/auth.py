@@ -154,6 +154,19 @@ class Tokens:
                 found = entry.name
         return found
 
+    def fingerprint(self, name: str) -> str | None:
+        """A fingerprint of the token now named ``name`` (None if none): what a session keeps.
+
+        HMAC-SHA256 keyed by the token's digest over a fixed label: it changes when
+        the token does, and tells nothing of the token (unlike its plain digest, it
+        is not what the token check compares).
+        """
+        for entry in self._entries:
+            if entry.name == name:
+                return hmac.new(entry.digest, b"edge-agent session v1",
+                                hashlib.sha256).hexdigest()[:32]
+        return None
+
     def local_token(self) -> str:
         """A token for tools on the box itself (``edge-agent status``).
 

@@ -9,8 +9,12 @@ to the POS integration that shares the name.
 
 Sessions are kept in a small JSON file beside the outbox (only digests of the
 ids, mode 0600), so a daemon restart does not send every grower back to the
-sign-in screen. A session is valid only while its token's name is still in
-the tokens file: removing a token signs out every tablet that used it.
+sign-in screen. The file is written by a thread of its own (atomically, fsynced),
+never on the event loop. A session is tied to the token that made it: it keeps
+the token's fingerprint (an HMAC keyed by the token's digest, see
+:meth:`agent.auth.Tokens.fingerprint`; never the token), and is valid only while
+that very token is still in the tokens file, so rotating a token or removing it
+signs out every tablet that used it.
 
 Cookies are ambient: the browser sends them on any request to the box, also
 one that another site's page makes it send. SameSite=Strict stops other
@@ -20,20 +24,22 @@ box) for the requests that change something.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
+import hmac
 import json
 import logging
-import os
 import secrets
 import threading
 import time
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit
 
 from starlette.requests import HTTPConnection
+
+from agent.statefiles import write_private
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +51,11 @@ SESSION_TTL_S = 30 * 24 * 3600.0
 RENEW_AFTER_S = 3600.0
 MAX_SESSIONS = 1000
 SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
+FLUSH_TIMEOUT_S = 5.0
+# The live store of each file in this process: a new store on the same file (an app
+# rebuilt in one process) first lets the old one finish writing, then reads.
+_LIVE: weakref.WeakValueDictionary[Path, SessionStore] = weakref.WeakValueDictionary()
+_LIVE_LOCK = threading.Lock()
 
 
 def _digest(session_id: str) -> str:
@@ -55,18 +66,32 @@ def _digest(session_id: str) -> str:
 class Session:
     name: str       # the API token's name: the caller, and the events' source
     expires: float  # epoch seconds
+    token: str | None = None  # the fingerprint of the token that signed in
 
 
 class SessionStore:
     """Session ids (by digest) -> :class:`Session`; thread-safe; persisted when ``path`` is set."""
 
     def __init__(self, path: Path | None, *, ttl_s: float = SESSION_TTL_S,
-                 clock: Callable[[], float] = time.time) -> None:
+                 clock: Callable[[], float] = time.time,
+                 fingerprint: Callable[[str], str | None] | None = None) -> None:
+        """``fingerprint(name)``: the fingerprint of the token now named ``name`` (None if
+        there is none); when given, a session lives only while it is its maker's."""
         self.path = path
         self.ttl_s = ttl_s
         self.clock = clock
+        self._fingerprint = fingerprint
         self._lock = threading.Lock()
         self._sessions: dict[str, Session] = {}
+        self._pending: bytes | None = None   # the next body for the writer thread
+        self._writing = threading.Condition(self._lock)
+        self._writer: threading.Thread | None = None
+        if path is not None:
+            with _LIVE_LOCK:
+                previous = _LIVE.get(path)
+                _LIVE[path] = self
+            if previous is not None:
+                previous.flush()
         self._load()
 
     def _load(self) -> None:
@@ -76,7 +101,9 @@ class SessionStore:
             raw = json.loads(self.path.read_text(encoding="utf-8"))
             now = self.clock()
             for digest, entry in raw.get("sessions", {}).items():
-                session = Session(str(entry["name"]), float(entry["expires"]))
+                token = entry.get("token")
+                session = Session(str(entry["name"]), float(entry["expires"]),
+                                  None if token is None else str(token))
                 if session.expires > now:
                     self._sessions[str(digest)] = session
         except FileNotFoundError:
@@ -87,27 +114,47 @@ class SessionStore:
             self._sessions.clear()
 
     def _save(self) -> None:
-        """Atomically rewrite the file (caller holds the lock); a failure is logged only."""
+        """Hand the file's new body to the writer thread (caller holds the lock)."""
         if self.path is None:
             return
-        body = json.dumps({"sessions": {d: {"name": s.name, "expires": round(s.expires, 3)}
-                                        for d, s in self._sessions.items()}})
-        tmp = self.path.with_name(self.path.name + ".tmp")
-        try:
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-            with os.fdopen(fd, "w", encoding="utf-8") as fh:
-                fh.write(body)
-            os.replace(tmp, self.path)
-        except OSError as exc:
-            log.warning("sessions: cannot write %s (%s); sessions last until restart",
-                        self.path, exc)
-            with contextlib.suppress(OSError):
-                tmp.unlink()
+        self._pending = json.dumps({"sessions": {
+            d: {"name": s.name, "expires": round(s.expires, 3), "token": s.token}
+            for d, s in self._sessions.items()}}).encode("utf-8")
+        if self._writer is None or not self._writer.is_alive():
+            self._writer = threading.Thread(target=self._write_loop, daemon=True,
+                                            name="sessions-writer")
+            self._writer.start()
+        self._writing.notify_all()
+
+    def _write_loop(self) -> None:
+        """The writer thread: atomically rewrite the file with the latest body; a failure is
+        logged only (sessions then last until the restart)."""
+        assert self.path is not None
+        while True:
+            with self._lock:
+                while self._pending is None:
+                    self._writing.wait()
+                body = self._pending
+            try:
+                write_private(self.path, body)
+            except OSError as exc:
+                log.warning("sessions: cannot write %s (%s); sessions last until restart",
+                            self.path, exc)
+            with self._lock:
+                if self._pending is body:
+                    self._pending = None
+                    self._writing.notify_all()
+
+    def flush(self, timeout: float = FLUSH_TIMEOUT_S) -> bool:
+        """Wait until the file holds every change made so far; False on timeout."""
+        with self._lock:
+            return self._writing.wait_for(lambda: self._pending is None, timeout)
 
     def create(self, name: str) -> tuple[str, Session]:
         """A new session for ``name``: (the id for the cookie, the session)."""
         session_id = secrets.token_urlsafe(32)
-        session = Session(name, self.clock() + self.ttl_s)
+        token = self._fingerprint(name) if self._fingerprint is not None else None
+        session = Session(name, self.clock() + self.ttl_s, token)
         with self._lock:
             self._prune()
             if len(self._sessions) >= MAX_SESSIONS:
@@ -125,15 +172,23 @@ class SessionStore:
             session = self._sessions.get(digest)
             if session is None:
                 return None
-            if session.expires <= now:
+            if session.expires <= now or not self._still_its_token(session):
                 del self._sessions[digest]
                 self._save()
                 return None
             if session.expires - now < self.ttl_s - RENEW_AFTER_S:
-                session = Session(session.name, now + self.ttl_s)
+                session = Session(session.name, now + self.ttl_s, session.token)
                 self._sessions[digest] = session
                 self._save()
             return session
+
+    def _still_its_token(self, session: Session) -> bool:
+        """Whether the token that made ``session`` is still the one named so."""
+        if self._fingerprint is None:
+            return True
+        current = self._fingerprint(session.name)
+        return (current is not None and session.token is not None
+                and hmac.compare_digest(current, session.token))
 
     def delete(self, session_id: str) -> bool:
         with self._lock:

@@ -80,7 +80,8 @@ def create_hq_app(ctx: HqWebContext) -> FastAPI:
                   openapi_url=None)
     app.state.ctx = ctx
     app.state.sessions = SessionStore(
-        None if ctx.state_dir is None else ctx.state_dir / "hq-sessions.json", clock=ctx.clock)
+        None if ctx.state_dir is None else ctx.state_dir / "hq-sessions.json", clock=ctx.clock,
+        fingerprint=ctx.tokens.fingerprint)
     app.add_middleware(BodyLimit)
     static = load_static()
     registered = {s.id: s for s in ctx.cfg.hq.sites}
