@@ -50,6 +50,7 @@ from starlette.status import WS_1008_POLICY_VIOLATION
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from agent import __version__, schemas
+from agent.allowed_hosts import HostCheck
 from agent.auth import Tokens
 from agent.config import KINDS, AgentConfig
 from agent.errors import DiskFull, EventTooLarge, OutboxError, OutboxFull
@@ -90,6 +91,9 @@ class ApiContext:
     clock: Callable[[], float] = field(default=time.time)
     # Device families (agent/services.py): each may add routes and metrics.
     services: list[Any] = field(default_factory=list)
+    # The Host names answered (agent/allowed_hosts.py); the daemon sets them. None: any
+    # (an app embedded in a test client, whose Host is "testserver").
+    allowed_hosts: frozenset[str] | None = None
 
 
 # -- the error shape -----------------------------------------------------------------------
@@ -342,7 +346,8 @@ def parse_json_object(raw: bytes) -> dict[str, Any]:
     except UnicodeDecodeError as exc:
         raise ApiProblem(400, f"body: not UTF-8 (byte {exc.start})", "body") from None
     try:
-        value = json.loads(text, parse_constant=_reject_constant, parse_float=_finite_float)
+        value = json.loads(text, parse_constant=_reject_constant, parse_float=_finite_float,
+                           object_pairs_hook=_object)
     except json.JSONDecodeError as exc:
         raise ApiProblem(400, f"body: not valid JSON: {exc.msg} at line {exc.lineno} column "
                               f"{exc.colno}", "body") from None
@@ -375,8 +380,34 @@ def _bad_text(text: str) -> str | None:
     return None
 
 
+class _Duplicated(dict[str, Any]):
+    """An object that had a key twice (json keeps the last one silently); refused."""
+
+    duplicate = ""
+
+
+def _object(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """json's object hook: a plain dict, or a :class:`_Duplicated` naming the repeated key.
+
+    A key sent twice is ambiguous (which total does the POS mean?) and a classic way
+    to smuggle a value past one parser and into another: refused, naming the key.
+    """
+    value = dict(pairs)
+    if len(value) == len(pairs):
+        return value
+    marked = _Duplicated(value)
+    seen: set[str] = set()
+    for key, _ in pairs:
+        if key in seen:
+            marked.duplicate = key
+            break
+        seen.add(key)
+    return marked
+
+
 def _check_values(root: dict[str, Any]) -> tuple[str, str] | None:
-    """The first value no later encoder or HQ database can take: too deep, bad text.
+    """The first value no later encoder or HQ database can take: too deep, bad text, a
+    key given twice.
 
     Iterative, so a hostile body cannot exhaust the stack here either.
     """
@@ -385,6 +416,9 @@ def _check_values(root: dict[str, Any]) -> tuple[str, str] | None:
         path, value, depth = stack.pop()
         if depth > MAX_JSON_DEPTH:
             return path or "body", f"nested deeper than {MAX_JSON_DEPTH} levels"
+        if isinstance(value, _Duplicated):
+            where = f"{path}.{value.duplicate}" if path else value.duplicate
+            return where[:200], "given more than once in one object; send each key once"
         if isinstance(value, dict):
             for key, item in value.items():
                 sub = f"{path}.{key}" if path else key
@@ -588,10 +622,13 @@ def create_app(ctx: ApiContext) -> FastAPI:
                                       clock=ctx.clock, fingerprint=ctx.tokens.fingerprint)
     # add_middleware puts the last one outermost: accounting sees every answer,
     # the 413s of BodyLimit included.
+    if ctx.allowed_hosts is not None:
+        app.add_middleware(HostCheck, allowed=ctx.allowed_hosts)
     app.add_middleware(BodyLimit, max_bytes=ctx.max_body_bytes)
     app.add_middleware(RequestAccounting, metrics=metrics, routes=lambda: app.router.routes)
 
     install_error_handlers(app)
+    device_ids = frozenset(device.id for device in ctx.cfg.devices)  # not for callers to claim
 
     @app.get("/healthz", response_model=Healthz, responses={503: {"model": Healthz}},
              summary="200 while the outbox can take events (no token needed)")
@@ -635,6 +672,9 @@ def create_app(ctx: ApiContext) -> FastAPI:
         if kind not in KINDS:
             raise ApiProblem(404, f"kind: unknown event kind {_shown(kind)}; one of "
                                   f"{', '.join(KINDS)}", "kind", reason="unknown_kind")
+        if kind in schemas.AGENT_ONLY_KINDS:
+            raise ApiProblem(403, f"kind: {schemas.AGENT_ONLY_KINDS[kind]}; they cannot be "
+                                  "posted over the API", "kind", reason="agent_only_kind")
         idem_key = _idempotency_key(request)
         if not _content_type_is_json(request):
             got = request.headers.get("content-type")
@@ -650,7 +690,7 @@ def create_app(ctx: ApiContext) -> FastAPI:
             raise ApiProblem(422, 'data: required; the body is {"data": {...}}', "data")
         source = _source(name, body, request)
         try:
-            data = schemas.validate(kind, body["data"])
+            data = schemas.validate_posted(kind, body["data"], device_ids)
         except schemas.FieldProblem as exc:
             raise ApiProblem(422, str(exc), exc.field, problems=exc.problems,
                              reason="invalid") from None

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 import threading
 import time
@@ -109,6 +110,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "run":
             from agent.daemon import run
 
+            # State files (outbox, journals, sessions, print jobs) are for the service
+            # user only, also outside the unit (which sets UMask=0077 itself).
+            os.umask(0o077)
             return run(validated_config(path))
         if args.command == "status":
             return _status(load_agent_config(path), args.json)

@@ -156,12 +156,25 @@ class ComplianceConfig(_Section):
     report_within_h: PositiveFloat = 24.0
 
 
+def _host_name(value: str) -> str:
+    name = value.strip().lower().rstrip(".")
+    if name != "*" and not re.fullmatch(r"\.?[a-z0-9_]([a-z0-9_-]*[a-z0-9_])?"
+                                        r"(\.[a-z0-9_]([a-z0-9_-]*[a-z0-9_])?)*", name):
+        raise ValueError(f"{value[:64]!r} is not a host name (e.g. edge-denver.store.lan, "
+                         "'.store.lan' for every name under it, or '*' for any)")
+    return name
+
+
 class ApiConfig(_Section):
     bind: str = "0.0.0.0"  # noqa: S104 - the POS and tablets reach it over the LAN
     port: Port = 8787
     tokens_file: str = "/etc/edge-agent/tokens"
     advertise: bool = True
     advertise_interfaces: list[str] = Field(default_factory=list)
+    # Host names the API answers to besides the automatic ones (agent/allowed_hosts.py);
+    # "*" answers any.
+    allowed_hosts: list[Annotated[str, AfterValidator(lambda v: _host_name(v))]] = Field(
+        default_factory=list)
 
 
 class DeviceConfig(BaseModel):

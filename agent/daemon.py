@@ -23,6 +23,7 @@ import uvicorn
 
 from agent import __version__, sdnotify
 from agent.advertise import Advertiser
+from agent.allowed_hosts import allowed_hosts
 from agent.api import ApiContext, create_app
 from agent.auth import Tokens
 from agent.command_journal import CommandJournal
@@ -155,7 +156,7 @@ async def serve(cfg: AgentConfig) -> int:
                      uplink_snapshot=lambda: uplink.snapshot() if uplink else {},
                      devices_snapshot=lambda: failed + all_devices(services),
                      started_at=started_at,
-                     services=services)
+                     services=services, allowed_hosts=allowed_hosts(cfg))
     uplink = Uplink(cfg, outbox, version=__version__, health=lambda: build_status(ctx),
                     on_command=router.dispatch)
     uplink.start()

@@ -130,6 +130,59 @@ SCHEMAS: dict[str, type[BaseModel]] = {
 }
 
 
+# -- device kinds posted over the API (issue 10) -------------------------------------------
+#
+# scan, sensor, print and device events come from this box's drivers, which define
+# their shape. Over the API anyone with a token could otherwise post any object as
+# one, forging a device's readings or a printer's outcome. So print and device
+# (outcomes and states only the agent knows) cannot be posted at all, and a scan or
+# a sensor reading posted by a caller (a handheld scanner on a tablet, a hand-held
+# meter) must fit these strict models and must not speak for a device of this box.
+# The event's source is the caller's token name either way.
+
+AGENT_ONLY_KINDS: dict[str, str] = {
+    "print": "print events are the outcomes of this agent's own print jobs",
+    "device": "device events are the state changes of this agent's own devices",
+}
+
+
+class _Posted(BaseModel):
+    model_config = ConfigDict(extra="forbid", str_strip_whitespace=True)
+
+
+class PostedScan(_Posted):
+    """A scan a caller made (e.g. a tablet's camera): the code, and what read it."""
+
+    code: Annotated[str, Field(min_length=1, max_length=4096)]
+    symbology: Text | None = None
+    device: Text | None = None
+    note: Annotated[str, Field(max_length=2000)] | None = None
+
+
+class PostedReading(_Posted):
+    """A reading a caller took (a hand-held meter), in the units of ``GET /v1/sensors``."""
+
+    device: Annotated[str, Field(min_length=1, max_length=64)]
+    room: Text | None = None
+    temperature_c: Annotated[float, Field(ge=-60, le=100)] | None = None
+    rh_pct: Annotated[float, Field(ge=0, le=100)] | None = None
+    co2_ppm: Annotated[float, Field(ge=0, le=100_000)] | None = None
+    vpd_kpa: Annotated[float, Field(ge=0, le=10)] | None = None
+    dew_point_c: Annotated[float, Field(ge=-80, le=100)] | None = None
+    note: Annotated[str, Field(max_length=2000)] | None = None
+
+    @model_validator(mode="after")
+    def _some_quantity(self) -> PostedReading:
+        if all(getattr(self, q) is None for q in
+               ("temperature_c", "rh_pct", "co2_ppm", "vpd_kpa", "dew_point_c")):
+            raise ValueError("temperature_c: a reading needs at least one of temperature_c, "
+                             "rh_pct, co2_ppm, vpd_kpa, dew_point_c")
+        return self
+
+
+POSTED_SCHEMAS: dict[str, type[BaseModel]] = {"scan": PostedScan, "sensor": PostedReading}
+
+
 class FieldProblem(ValueError):
     """A payload failed validation; ``field`` is the dotted path of the first problem."""
 
@@ -139,9 +192,30 @@ class FieldProblem(ValueError):
         super().__init__(f"{field}: {message}" if field else message)
 
 
+def validate_posted(kind: str, data: Any, devices: frozenset[str] = frozenset()
+                    ) -> dict[str, Any]:
+    """Validate ``data`` posted over the API for ``kind`` (see ``AGENT_ONLY_KINDS``, which
+    the caller refuses first); ``devices``: this box's device ids, which a posted scan or
+    reading may not claim. FieldProblem names the field."""
+    model = POSTED_SCHEMAS.get(kind)
+    if model is None:
+        return validate(kind, data)
+    clean = _validate(model, data)
+    device = clean.get("device")
+    if device is not None and device in devices:
+        message = (f"{str(device)[:64]!r} is a device of this box: its {kind} events come "
+                   "from its driver, not the API; name the device that took this one")
+        raise FieldProblem("data.device", message, [{"field": "data.device",
+                                                     "message": message}])
+    return {k: v for k, v in clean.items() if v is not None}
+
+
 def validate(kind: str, data: Any) -> dict[str, Any]:
     """Validate ``data`` for ``kind``; return the normalised dict or raise FieldProblem."""
-    schema = SCHEMAS[kind]
+    return _validate(SCHEMAS[kind], data)
+
+
+def _validate(schema: type[BaseModel], data: Any) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise FieldProblem("data", "must be a JSON object", [{"field": "data",
                                                              "message": "must be a JSON object"}])

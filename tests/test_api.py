@@ -109,9 +109,10 @@ def test_sale_is_committed_before_202_with_its_seq(site: Site) -> None:
 
 
 def test_plant_and_alarm_and_driver_kinds_are_accepted(site: Site) -> None:
-    """plant, alarm and the driver-defined kinds each get their own seq 1."""
+    """plant, alarm and a caller's scan and sensor reading each get their own seq 1."""
     for kind, data in (("plant", PLANT), ("alarm", {"code": "door", "message": "open"}),
-                       ("scan", {"code": "Grüne Süße ✓"}), ("sensor", {"t": 21.5})):
+                       ("scan", {"code": "Grüne Süße ✓"}),
+                       ("sensor", {"device": "handheld-1", "temperature_c": 21.5})):
         answer = site.post(kind, data)
         assert answer.status_code == 202, answer.text
         assert answer.json()["seq"] == 1 and answer.json()["kind"] == kind
