@@ -120,20 +120,20 @@ class SessionStore:
         self._pending = json.dumps({"sessions": {
             d: {"name": s.name, "expires": round(s.expires, 3), "token": s.token}
             for d, s in self._sessions.items()}}).encode("utf-8")
-        if self._writer is None or not self._writer.is_alive():
+        if self._writer is None:
             self._writer = threading.Thread(target=self._write_loop, daemon=True,
                                             name="sessions-writer")
             self._writer.start()
-        self._writing.notify_all()
 
     def _write_loop(self) -> None:
-        """The writer thread: atomically rewrite the file with the latest body; a failure is
-        logged only (sessions then last until the restart)."""
+        """The writer thread, while there is something to write: atomically rewrite the file
+        with the latest body; a failure is logged only (sessions then last until restart)."""
         assert self.path is not None
         while True:
             with self._lock:
-                while self._pending is None:
-                    self._writing.wait()
+                if self._pending is None:
+                    self._writer = None  # done; the next change starts a new writer
+                    return
                 body = self._pending
             try:
                 write_private(self.path, body)
