@@ -325,6 +325,8 @@ def _hq(path: str, args: argparse.Namespace) -> int:
     if retention is not None:
         retention.stop()
     worker.join(10)
+    if receiver.fatal is not None:   # logged by the receiver; systemd restarts us
+        return EXIT_DEGRADED
     return EXIT_OK
 
 

@@ -51,7 +51,7 @@ def test_a_fresh_store_acks_past_a_floor_and_reports_it_skipped(tmp_path: Path) 
     """500..510 with floor 499 on 500: a fresh store acks 510 and reports skipped [[1, 499]]."""
     with store_at(tmp_path / "hq.db") as hq:
         marks = hq.store_batch([envelope(500, floor=499)] + [envelope(s) for s in range(501, 511)])
-        assert marks == {(SITE, "sale"): 510}
+        assert marks == {(SITE, "sale", ""): 510}
         sale = kinds_of(hq.report())["sale"]
         assert sale["skipped"] == [[1, 499]] and sale["gaps"] == [] and sale["lost"] == []
         assert (sale["received"], sale["first_seq"], sale["last_seq"]) == (11, 500, 510)
@@ -61,7 +61,7 @@ def test_a_fresh_store_acks_past_a_floor_and_reports_it_skipped(tmp_path: Path) 
 def test_without_a_floor_a_fresh_store_acks_nothing(tmp_path: Path) -> None:
     """The same seqs 500..510 without a floor: the watermark stays 0 (the defect floor fixes)."""
     with store_at(tmp_path / "hq.db") as hq:
-        assert hq.store_batch([envelope(s) for s in range(500, 511)]) == {(SITE, "sale"): 0}
+        assert hq.store_batch([envelope(s) for s in range(500, 511)]) == {(SITE, "sale", ""): 0}
         sale = kinds_of(hq.report())["sale"]
         assert sale["skipped"] == [] and sale["acked_upto"] == 0
 
@@ -70,7 +70,8 @@ def test_a_floor_below_the_watermark_changes_nothing(tmp_path: Path) -> None:
     """A floor at or below the watermark (every resend of a caught-up store) records nothing."""
     with store_at(tmp_path / "hq.db") as hq:
         hq.store_batch([envelope(s) for s in range(1, 6)])
-        assert hq.store_batch([envelope(4, floor=3), envelope(6, floor=5)]) == {(SITE, "sale"): 6}
+        marks = hq.store_batch([envelope(4, floor=3), envelope(6, floor=5)])
+        assert marks == {(SITE, "sale", ""): 6}
         assert kinds_of(hq.report())["sale"]["skipped"] == []
         assert hq.counters["skipped_ranges"] == 0
 
@@ -79,8 +80,8 @@ def test_only_the_part_not_stored_is_skipped(tmp_path: Path) -> None:
     """Between the mark and the floor, stored seqs and declared-lost ranges are not skipped."""
     with store_at(tmp_path / "hq.db") as hq:
         hq.store_batch([envelope(s) for s in (1, 2, 5, 6)] + [envelope(12, lost=[8, 9])])
-        assert hq.watermarks() == {(SITE, "sale"): 2}
-        assert hq.store_batch([envelope(20, floor=19)]) == {(SITE, "sale"): 20}
+        assert hq.watermarks() == {(SITE, "sale", ""): 2}
+        assert hq.store_batch([envelope(20, floor=19)]) == {(SITE, "sale", ""): 20}
         sale = kinds_of(hq.report())["sale"]
         assert sale["skipped"] == [[3, 4], [7, 7], [10, 11], [13, 19]]
         assert sale["lost"] == [[8, 9]] and sale["gaps"] == []
@@ -91,7 +92,7 @@ def test_a_floor_inside_an_aggregate_moves_the_mark_to_its_end(tmp_path: Path) -
     with store_at(tmp_path / "hq.db") as hq:
         hq.store_batch([envelope(90, kind="sensor", seq_end=120)])
         marks = hq.store_batch([envelope(121, kind="sensor", floor=100)])
-        assert marks == {(SITE, "sensor"): 121}
+        assert marks == {(SITE, "sensor", ""): 121}
         assert kinds_of(hq.report())["sensor"]["skipped"] == [[1, 89]]
 
 
@@ -99,7 +100,7 @@ def test_seqs_arriving_late_inside_a_skipped_range_are_stored(tmp_path: Path) ->
     """A seq inside a skipped range is still stored and counted; it is no longer skipped."""
     with store_at(tmp_path / "hq.db") as hq:
         hq.store_batch([envelope(10, floor=9)])
-        assert hq.store_batch([envelope(5)]) == {(SITE, "sale"): 10}
+        assert hq.store_batch([envelope(5)]) == {(SITE, "sale", ""): 10}
         sale = kinds_of(hq.report())["sale"]
         assert (sale["received"], sale["first_seq"]) == (2, 5)
         assert sale["skipped"] == [[1, 4], [6, 9]] and sale["gaps"] == []
@@ -136,7 +137,7 @@ def test_a_store_made_before_skipped_existed_gets_the_table(tmp_path: Path) -> N
     with sqlite3.connect(db) as conn:
         conn.execute("DROP TABLE skipped")
     with store_at(db) as hq:
-        assert hq.store_batch([envelope(5, floor=4)]) == {(SITE, "sale"): 5}
+        assert hq.store_batch([envelope(5, floor=4)]) == {(SITE, "sale", ""): 5}
         assert kinds_of(hq.report())["sale"]["skipped"] == [[2, 4]]
 
 
@@ -168,14 +169,14 @@ def test_a_fresh_hq_store_drains_an_outbox_acked_by_another(broker: Broker,
         with running(HqReceiver(hq_config(broker.port, tmp_path / "a.db"))) as rx_a, \
                 uplink(cfg, outbox):
             wait_for(lambda: depth(outbox, "sale") == 0, timeout=20, what="store A acks 1..100")
-            assert rx_a.store.watermarks() == {(AGENT_SITE, "sale"): 100}
+            assert rx_a.store.watermarks() == {(AGENT_SITE, "sale", ""): 100}
         submit(outbox, "sale", 50, start=100)
         assert outbox.stats()["sale"].first_seq == 101
         # The same HQ receiver identity, restarted on a new database.
         with running(HqReceiver(hq_config(broker.port, tmp_path / "b.db"))) as rx_b, \
                 uplink(cfg, outbox) as up:
             wait_for(lambda: depth(outbox, "sale") == 0, timeout=20, what="store B acks 101..150")
-            assert rx_b.store.watermarks() == {(AGENT_SITE, "sale"): 150}
+            assert rx_b.store.watermarks() == {(AGENT_SITE, "sale", ""): 150}
             assert up.snapshot()["acked_upto"]["sale"] == 150
             report = rx_b.store.report()
             events = rx_b.store.events(AGENT_SITE, "sale")
@@ -218,7 +219,7 @@ def test_a_resent_oldest_event_carries_the_floor_and_the_stored_bytes(
             assert all(raw == stored[seq] for seq, raw in copies() if seq != 3)
             with running(HqReceiver(hq_config(broker.port, tmp_path / "fresh.db"))) as rx:
                 wait_for(lambda: depth(outbox, "sale") == 0, timeout=20, what="fresh store acks")
-                assert rx.store.watermarks() == {(AGENT_SITE, "sale"): 5}
+                assert rx.store.watermarks() == {(AGENT_SITE, "sale", ""): 5}
                 assert kinds_of(rx.store.report(), AGENT_SITE)["sale"]["skipped"] == [[1, 2]]
     finally:
         hq.close()

@@ -25,7 +25,7 @@ from agent.errors import AgentError
 from agent.hq import receiver as receiver_mod
 from agent.hq.receiver import HqReceiver
 from agent.hq.report import format_report, report_main
-from agent.hq.store import SqliteStore, StoreError, open_store
+from agent.hq.store import EventRow, Reject, SqliteStore, StoreError, open_store
 from agent.localbroker import Broker, make_tls_files, start_broker
 from tests.conftest import wait_for
 
@@ -41,9 +41,21 @@ def envelope(seq: int, *, site: str = SITE, kind: str = "sale", ts: float | None
     return json.loads(envelope_bytes(seq, site=site, kind=kind, ts=ts, **extra))
 
 
+_EVENT_IDS: dict[tuple[str, str, int, Any], str] = {}
+
+
+def event_id_of(site: str, kind: str, seq: int, seq_end: Any = None) -> str:
+    """One id per (site, kind, seq), as an agent's resend keeps it (CONTRACT 4); a
+    thinned aggregate (``seq_end``) is an event of its own, with its own id."""
+    return _EVENT_IDS.setdefault((site, kind, seq, seq_end), IDS.new())
+
+
 def envelope_bytes(seq: int, *, site: str = SITE, kind: str = "sale", ts: float | None = None,
-                   **extra: Any) -> bytes:
-    return encode(event_id=IDS.new(), site=site, kind=kind, seq=seq,
+                   event_id: str | None = None, **extra: Any) -> bytes:
+    """An envelope; the same (site, kind, seq) keeps its id unless ``event_id`` is given."""
+    return encode(event_id=event_id or event_id_of(site, kind, seq, extra.get("seq_end")),
+                  site=site, kind=kind,
+                  seq=seq,
                   ts=iso_ms(BASE_TS + seq if ts is None else ts), source="test",
                   data_json=json.dumps({"n": seq}), extra=extra or None)
 
@@ -151,7 +163,7 @@ def test_acks_only_the_contiguous_watermark(broker: Broker, site: Site, tmp_path
         site.events([1, 2, 4])
         wait_for(lambda: rx.counters["stored"] == 3, what="three stored")
         wait_for(lambda: site.upto() == 2, what="ack upto 2")
-        assert rx.store.watermarks() == {(SITE, "sale"): 2}
+        assert rx.store.watermarks() == {(SITE, "sale", ""): 2}
         assert max(u for _, _, u in site.acks) == 2  # 4 is stored, but not contiguous
         site.events([3])
         wait_for(lambda: site.upto() == 4, what="ack upto 4")
@@ -228,7 +240,7 @@ cfg = HqReceiverConfig(**json.loads(sys.argv[1]))
 marks = pathlib.Path(sys.argv[2])
 
 class StuckStore(SqliteStore):
-    def store_batch(self, envelopes):
+    def store_batch(self, envelopes, rejects=()):
         (marks / "batch").write_text(str(len(envelopes)))
         threading.Event().wait()  # SIGKILL arrives while the batch is in hand
 
@@ -271,11 +283,12 @@ class FailingOnceStore(SqliteStore):
 
     failed = False
 
-    def store_batch(self, envelopes: Sequence[Mapping[str, Any]]) -> dict[tuple[str, str], int]:
+    def store_batch(self, envelopes: Sequence[Mapping[str, Any] | EventRow],
+                    rejects: Sequence[Reject] = ()) -> dict[tuple[str, str, str], int]:
         if not self.failed:
             self.failed = True
             raise StoreError(self.path, "disk I/O error")
-        return super().store_batch(envelopes)
+        return super().store_batch(envelopes, rejects)
 
 
 def test_store_failure_is_not_acked_and_is_redelivered(broker: Broker, site: Site,
@@ -367,10 +380,10 @@ def test_stores_on_one_file_see_each_others_watermarks(tmp_path: Path) -> None:
     """Watermarks come from the database, so two stores on one file advance each other's."""
     a = SqliteStore(str(tmp_path / "hq.db"))
     b = SqliteStore(str(tmp_path / "hq.db"))
-    assert a.store_batch([envelope(1), envelope(3)]) == {(SITE, "sale"): 1}
-    assert b.store_batch([envelope(2)]) == {(SITE, "sale"): 3}
-    assert a.store_batch([envelope(4)]) == {(SITE, "sale"): 4}
-    assert a.watermarks() == b.watermarks() == {(SITE, "sale"): 4}
+    assert a.store_batch([envelope(1), envelope(3)]) == {(SITE, "sale", ""): 1}
+    assert b.store_batch([envelope(2)]) == {(SITE, "sale", ""): 3}
+    assert a.store_batch([envelope(4)]) == {(SITE, "sale", ""): 4}
+    assert a.watermarks() == b.watermarks() == {(SITE, "sale", ""): 4}
 
 
 def test_report_json_has_the_contract_shape(tmp_path: Path) -> None:

@@ -500,7 +500,7 @@ def _retention_store(tmp_path: Path) -> tuple[SqliteStore, str]:
     store.store_batch([json.loads(envelope_bytes(s, site="co-a", ts=old + s))
                        for s in (1, 2, 3, 4, 5, 7, 8)])
     store.store_batch([json.loads(envelope_bytes(9, site="co-a", ts=NOW))])
-    assert store.watermarks()[("co-a", "sale")] == 5
+    assert store.watermarks()[("co-a", "sale", "")] == 5
     return store, f"sqlite://{db}"
 
 
@@ -513,9 +513,9 @@ def test_retention_deletes_only_old_events_at_or_below_the_watermark(tmp_path: P
     assert retention.run(days=7, now=NOW).deleted == 5
     retention.close()
     assert [e["seq"] for e in store.events("co-a", "sale")] == [7, 8, 9]
-    assert store.watermarks()[("co-a", "sale")] == 5
+    assert store.watermarks()[("co-a", "sale", "")] == 5
     marks = store.store_batch([json.loads(envelope_bytes(6, site="co-a", ts=NOW))])
-    assert marks[("co-a", "sale")] == 9  # the kept 7 and 8 still count
+    assert marks[("co-a", "sale", "")] == 9  # the kept 7 and 8 still count
     kinds = store.report(site="co-a", now=NOW)["sites"][0]["kinds"]
     assert kinds[0]["gaps"] == [] and kinds[0]["first_seq"] == 6
     store.close()

@@ -115,7 +115,7 @@ def test_an_aggregate_carries_the_lost_range_of_the_reading_it_replaces(tmp_path
     try:
         hq.store_batch([envelope(s, kind="sensor") for s in (1, 2)])
         marks = hq.store_batch(sent)
-        assert marks[(SITE, "sensor")] == sent[-1].get("seq_end", sent[-1]["seq"])
+        assert marks[(SITE, "sensor", "")] == sent[-1].get("seq_end", sent[-1]["seq"])
     finally:
         hq.close()
 
@@ -159,10 +159,10 @@ def test_hq_keeps_the_coverage_of_an_aggregate_whose_first_seq_came_raw(tmp_path
     11..20: once 1..9 arrive the watermark is 20, not stuck at 10."""
     hq = SqliteStore(str(tmp_path / "hq.db"))
     try:
-        assert hq.store_batch([envelope(10, kind="sensor")]) == {(SITE, "sensor"): 0}
+        assert hq.store_batch([envelope(10, kind="sensor")]) == {(SITE, "sensor", ""): 0}
         hq.store_batch([envelope(10, kind="sensor", seq_end=20)])
         marks = hq.store_batch([envelope(s, kind="sensor") for s in range(1, 10)])
-        assert marks == {(SITE, "sensor"): 20}
+        assert marks == {(SITE, "sensor", ""): 20}
         assert [e["seq_end"] for e in hq.events(SITE, "sensor")][-1] == 20
     finally:
         hq.close()

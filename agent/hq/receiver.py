@@ -52,7 +52,7 @@ from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
 from agent import proof
-from agent.config import HqReceiverConfig
+from agent.config import KINDS, HqReceiverConfig
 from agent.envelope import decode
 from agent.errors import AgentError
 from agent.hq.fleet import (
@@ -63,7 +63,15 @@ from agent.hq.fleet import (
     parse_status,
     topic_site,
 )
-from agent.hq.store import EventRow, Pair, Store, StoreError, event_row, open_store
+from agent.hq.store import (
+    EventRow,
+    Reject,
+    Store,
+    StoreError,
+    Stream,
+    event_row,
+    open_store,
+)
 
 log = logging.getLogger(__name__)
 
@@ -80,6 +88,40 @@ FLAP_WINDOW_S = 60.0              # accepted-then-dropped connections counted ov
 FLAP_COUNT = 3                    # this many in the window: another client has our id
 MALFORMED_LOG_INTERVAL_S = 60.0   # at most one WARNING line per interval; the rest at DEBUG
 STOP_FLUSH_S = 2.0           # how long a stop waits for the last packets to leave
+# CONTRACT 6's cap on one event (agent/outbox/store.py MAX_EVENT_BYTES): anything
+# bigger is a reject, checked before a byte of it is parsed.
+MAX_EVENT_BYTES = 1 << 20
+
+
+class Heard:
+    """The seqs one stream sent recently, as merged inclusive ranges (pure, small).
+
+    An ack never goes past the end of the run of recently heard seqs that holds
+    the batch's newest event: the agent sent that run, so it has every seq in it,
+    whatever a forged ``floor`` or a forged far-off seq did to the watermark.
+    """
+
+    MAX_RANGES = 64   # isolated forgeries beyond this evict the lowest ranges
+
+    def __init__(self) -> None:
+        self.ranges: list[list[int]] = []
+        self.cap = 0   # the last cap computed for a batch (what a re-send may ack)
+
+    def add(self, first: int, last: int) -> None:
+        merged: list[list[int]] = []
+        for a, b in sorted([*self.ranges, [first, last]]):
+            if merged and a <= merged[-1][1] + 1:
+                merged[-1][1] = max(merged[-1][1], b)
+            else:
+                merged.append([a, b])
+        self.ranges = merged[-self.MAX_RANGES:]
+
+    def run_end(self, seq: int) -> int:
+        """The end of the heard run holding ``seq`` (``seq`` itself if none does)."""
+        for a, b in self.ranges:
+            if a <= seq <= b:
+                return b
+        return seq
 
 
 class ReceiverError(AgentError):
@@ -101,9 +143,11 @@ def _backoff(attempt: int, low: float, high: float, rand: Callable[[], float]) -
 class HqReceiver:
     """The HQ consumer (CONTRACT 8); ``run(stop)`` blocks until ``stop`` is set.
 
-    ``counters`` (received, stored, duplicates, malformed, acks_sent,
-    connects, store_failures) may be read from any thread. ``subscribed`` is set
-    while the shared subscription is granted.
+    ``counters`` (received, stored, duplicates, malformed (= rejected),
+    conflicts, acks_sent, connects, store_failures) may be read from any thread.
+    ``subscribed`` is set while the shared subscription is granted. ``fatal``
+    holds the error that stopped :meth:`run`, if one did (a bug: ``edge-agent hq``
+    then exits non-zero so systemd restarts it).
     """
 
     def __init__(self, cfg: HqReceiverConfig, *, store: Store | None = None,
@@ -136,9 +180,11 @@ class HqReceiver:
         self.fleet_topics = [(f"{self._prefix}/+/status", 1),
                              (f"$share/{cfg.hq.share_group}/{self._prefix}/+/health", 0)]
         self.counters: dict[str, int] = dict.fromkeys(
-            ("received", "stored", "duplicates", "malformed", "acks_sent", "connects",
-             "store_failures", "taken_over", "fleet_messages", "fleet_malformed",
-             "fleet_failures", "unproven_claims"), 0)
+            ("received", "stored", "duplicates", "malformed", "rejected", "conflicts",
+             "acks_sent", "connects", "store_failures", "taken_over", "fleet_messages",
+             "fleet_malformed", "fleet_failures", "unproven_claims"), 0)
+        self.fatal: BaseException | None = None
+        self._registered = frozenset(s.id for s in cfg.hq.sites)
         self._fleet_batch: list[StatusMessage | HealthMessage] = []
         self._takeover_logged = False
         self._taken_over = False
@@ -152,8 +198,10 @@ class HqReceiver:
         # broker expects PUBACKs in that order) and the well-formed envelopes.
         self._mids: list[int] = []
         self._envelopes: list[EventRow] = []
-        self._published: dict[Pair, int] = {}   # highest upto we acked per pair
-        self._active: dict[Pair, float] = {}    # monotonic time of the pair's last message
+        self._rejects: list[Reject] = []
+        # Per stream (site, kind, epoch) heard from recently: the monotonic time of its
+        # last message and what it sent meanwhile (the ack's cap).
+        self._active: dict[Stream, tuple[float, Heard]] = {}
         self._next_republish = 0.0
         self._malformed_logged_at = -MALFORMED_LOG_INTERVAL_S
         self._connack_ok = False
@@ -259,30 +307,59 @@ class HqReceiver:
             self._on_fleet(message.topic, bytes(message.payload))
             return
         self.counters["received"] += 1
+        payload = bytes(message.payload)
         try:
-            self._envelopes.append(self.parse(message.topic, bytes(message.payload)))
+            self._envelopes.append(self.parse(message.topic, payload))
         except ValueError as exc:
-            self._malformed(message.topic, str(exc))
+            self._reject(message.topic, payload, str(exc))
+        except (RecursionError, MemoryError, OverflowError) as exc:
+            # What no message may do: take the receiver down (and the broker would
+            # redeliver it to the next one, forever).
+            self._reject(message.topic, payload, f"cannot be parsed: {type(exc).__name__}")
+
+    def _topic_levels(self, topic: str) -> tuple[str, str]:
+        """(site, kind) of ``{prefix}/{site}/events/{kind}``; empty strings if not that."""
+        rest = topic[len(self._prefix) + 1:].split("/") if topic.startswith(
+            self._prefix + "/") else []
+        if len(rest) == 3 and rest[1] == "events":
+            return rest[0], rest[2]
+        return "", ""
+
+    def _reject(self, topic: str, payload: bytes, reason: str) -> None:
+        """Keep a message that cannot be stored, with why: written with the batch, so
+        it is on disk before its PUBACK (never dropped silently, never redelivered)."""
+        site, kind = self._topic_levels(topic)
+        self._rejects.append(Reject.of(topic, site, kind, reason, payload))
+        self.counters["rejected"] += 1
+        self._malformed(topic, reason)
 
     def parse(self, topic: str, payload: bytes) -> EventRow:
         """The checked envelope of one event message; ``ValueError`` says what is wrong.
 
         The envelope must agree with its topic: with per-site broker ACLs, this
-        is what stops one site from writing events into another's record.
+        is what stops one site from writing events into another's record. The
+        size is checked before anything is parsed; the kind must be one of
+        CONTRACT 4's, and the site registered when ``[[hq.sites]]`` lists any.
         """
-        rest = topic[len(self._prefix) + 1:].split("/") if topic.startswith(
-            self._prefix + "/") else []
-        if len(rest) != 3 or rest[1] != "events":
+        site, kind = self._topic_levels(topic)
+        if not site:
             raise ValueError("topic is not {prefix}/{site}/events/{kind}")
+        if len(payload) > MAX_EVENT_BYTES:
+            raise ValueError(f"message of {len(payload)} bytes is over the "
+                             f"{MAX_EVENT_BYTES}-byte event limit")
+        if kind not in KINDS:
+            raise ValueError(f"kind {kind[:32]!r} is not one of {', '.join(KINDS)}")
+        if self._registered and site not in self._registered:
+            raise ValueError(f"site {site[:64]!r} is not registered in [[hq.sites]]")
         env = decode(payload)
         # decode() proved it UTF-8 JSON; the store keeps the agent's own bytes.
         row = event_row(env, payload.decode("utf-8"))
         if self._master is not None and (row.floor is not None or row.lost is not None
                                          or row.seq_end is not None):
             row = self._checked_claims(topic, env, row)
-        if (row.site, row.kind) != (rest[0], rest[2]):
+        if (row.site, row.kind) != (site, kind):
             raise ValueError(f"envelope site/kind {row.site}/{row.kind} does not match the "
-                             f"topic's {rest[0]}/{rest[2]}")
+                             f"topic's {site}/{kind}")
         return row
 
     def _checked_claims(self, topic: str, env: dict[str, Any], row: EventRow) -> EventRow:
@@ -303,7 +380,7 @@ class HqReceiver:
                         self.counters["unproven_claims"])
         else:
             log.debug("hq receiver: unproven claim on %s seq %d", topic, row.seq)
-        return dataclasses.replace(row, floor=None, lost=None, seq_end=None)
+        return dataclasses.replace(row, floor=None, lost=None, seq_end=None, unproven=True)
 
     def _site_key(self, site: str) -> bytes:
         assert self._master is not None
@@ -325,9 +402,15 @@ class HqReceiver:
                 self._fleet_batch.append(parse_health(site, payload))
                 return
             raise ValueError("topic is not {prefix}/{site}/status or /health")
-        except ValueError as exc:
+        except (ValueError, RecursionError, MemoryError) as exc:
             self.counters["fleet_malformed"] += 1
-            self._malformed(topic, str(exc), counter=None)
+            levels = topic[len(self._prefix) + 1:].split("/")
+            reason = str(exc) if isinstance(exc, ValueError) else \
+                f"cannot be parsed: {type(exc).__name__}"
+            self._rejects.append(Reject.of(topic, levels[0] if len(levels) == 2 else "",
+                                           levels[-1] if len(levels) == 2 else "", reason,
+                                           payload))
+            self._malformed(topic, reason, counter=None)
 
     def _malformed(self, topic: str, reason: str, counter: str | None = "malformed") -> None:
         if counter is not None:
@@ -335,48 +418,56 @@ class HqReceiver:
         now = time.monotonic()
         if now - self._malformed_logged_at >= MALFORMED_LOG_INTERVAL_S:
             self._malformed_logged_at = now
-            log.warning("dropped a malformed message on %s: %s (%d dropped since start; "
-                        "more within %.0fs are logged at DEBUG)", topic, reason,
+            log.warning("rejected a message on %.200s: %s (%d since start; more within "
+                        "%.0fs are logged at DEBUG)", topic, reason,
                         self.counters["malformed"] + self.counters["fleet_malformed"],
                         MALFORMED_LOG_INTERVAL_S)
         else:
-            log.debug("dropped a malformed message on %s: %s", topic, reason)
+            log.debug("rejected a message on %.200s: %s", topic, reason)
 
     # -- the loop --------------------------------------------------------
 
     def run(self, stop: threading.Event) -> None:
         """Connect (failing over across ``mqtt.hosts``), consume, reconnect, until ``stop``."""
+        try:
+            self._run(stop)
+        except Exception as exc:
+            # A bug, not a message (those become rejects): say it and let
+            # ``edge-agent hq`` exit non-zero, so systemd restarts it.
+            self.fatal = exc
+            log.critical("hq receiver stopped by an unexpected error", exc_info=True)
+        finally:
+            self._shutdown()
+
+    def _run(self, stop: threading.Event) -> None:
         m = self.cfg.mqtt
         attempt = 0
         host_index = 0
         warned = False  # one WARNING per streak of failures; the rest at DEBUG
-        try:
-            while not stop.is_set():
-                self._host = m.hosts[host_index % len(m.hosts)]
-                error = self._connect()
-                if error is None:
-                    self._serve(stop)
-                    error = self._drop_reason
-                    if self._connack_ok:  # it worked for a while: start the backoff afresh
-                        attempt = 0
-                        warned = self._dropped_again(stop)
-                if stop.is_set():
-                    break
-                if not self._connack_ok:
-                    host_index += 1  # failover: this host did not take us
-                reason = error or f"lost the connection to {self._host}"
-                if self._taken_over or self._flapping:
-                    # Already said, once and as what it is (_on_disconnect, _dropped_again).
-                    log.debug("hq receiver: %s", reason)
-                elif not warned:
-                    warned = True
-                    log.warning("hq receiver: %s; retrying (%d host(s))", reason, len(m.hosts))
-                else:
-                    log.debug("hq receiver: %s", reason)
-                stop.wait(_backoff(attempt, m.backoff_min_s, m.backoff_max_s, self._rand))
-                attempt += 1
-        finally:
-            self._shutdown()
+        while not stop.is_set():
+            self._host = m.hosts[host_index % len(m.hosts)]
+            error = self._connect()
+            if error is None:
+                self._serve(stop)
+                error = self._drop_reason
+                if self._connack_ok:  # it worked for a while: start the backoff afresh
+                    attempt = 0
+                    warned = self._dropped_again(stop)
+            if stop.is_set():
+                break
+            if not self._connack_ok:
+                host_index += 1  # failover: this host did not take us
+            reason = error or f"lost the connection to {self._host}"
+            if self._taken_over or self._flapping:
+                # Already said, once and as what it is (_on_disconnect, _dropped_again).
+                log.debug("hq receiver: %s", reason)
+            elif not warned:
+                warned = True
+                log.warning("hq receiver: %s; retrying (%d host(s))", reason, len(m.hosts))
+            else:
+                log.debug("hq receiver: %s", reason)
+            stop.wait(_backoff(attempt, m.backoff_min_s, m.backoff_max_s, self._rand))
+            attempt += 1
 
     def _dropped_again(self, stop: threading.Event) -> bool:
         """Note a dropped connection that had been accepted; whether the drop is already
@@ -460,7 +551,7 @@ class HqReceiver:
                 readable = bool(r)
             if readable and not self._read_burst(sock):
                 break
-            if self._mids or self._envelopes or self._fleet_batch:
+            if self._mids or self._envelopes or self._rejects or self._fleet_batch:
                 try:
                     self._flush()
                 except StoreError as exc:
@@ -469,6 +560,7 @@ class HqReceiver:
                     # broker redeliver it from our session.
                     self._drop_reason = str(exc)
                     self._envelopes.clear()  # the broker's redelivery is the retry
+                    self._rejects.clear()
                     self._mids.clear()
                     break
             if client.want_write() and client.loop_write() != MQTTErrorCode.MQTT_ERR_SUCCESS:
@@ -479,7 +571,7 @@ class HqReceiver:
         self.subscribed.clear()
         if stop.is_set() and client.socket() is not None:
             self._flush_quietly()
-        elif self._envelopes:
+        elif self._envelopes or self._rejects:
             # The connection is gone, so no PUBACKs; storing what arrived still
             # spares the redelivery a round trip (it will count as duplicates).
             self._mids.clear()
@@ -505,35 +597,70 @@ class HqReceiver:
                 return True
 
     def _flush(self) -> None:
-        """Store the batch, then PUBACK it, then ack changed watermarks to the agents."""
-        envelopes, mids = self._envelopes, self._mids
-        marks: dict[Pair, int] = {}
-        if envelopes:
+        """Store the batch (events and rejects), then PUBACK it, then ack its streams."""
+        envelopes, rejects, mids = self._envelopes, self._rejects, self._mids
+        marks: dict[Stream, int] = {}
+        caps: dict[Stream, int] = {}
+        if envelopes or rejects:
             before = dict(self.store.counters)
             started = time.perf_counter()
-            marks = self.store.store_batch(envelopes)  # committed when it returns
+            marks = self._store(envelopes, rejects)  # committed when it returns
             if self.metrics is not None:
                 self.metrics.store_seconds.observe(time.perf_counter() - started)
             if self._store_failing:
                 self._store_failing = False
                 log.info("hq receiver: storing again")
-            self.counters["stored"] += self.store.counters["stored"] - before["stored"]
-            self.counters["duplicates"] += (self.store.counters["duplicates"]
-                                            - before["duplicates"])
+            for key in ("stored", "duplicates", "conflicts"):
+                self.counters[key] += self.store.counters.get(key, 0) - before.get(key, 0)
             now = time.monotonic()
-            for pair in marks:
+            newest: dict[Stream, int] = {}
+            for row in envelopes:
                 if not self._active:
                     self._next_republish = now + REPUBLISH_INTERVAL_S
-                self._active[pair] = now
-        self._envelopes, self._mids = [], []
+                heard = self._active.get(row.stream, (now, None))[1] or Heard()
+                heard.add(row.seq, row.end)
+                self._active[row.stream] = (now, heard)
+                newest[row.stream] = max(newest.get(row.stream, 0), row.end)
+            for stream, top in newest.items():
+                heard = self._active[stream][1]
+                heard.cap = caps[stream] = heard.run_end(top)
+        self._envelopes, self._rejects, self._mids = [], [], []
         self._store_fleet()
         if self._client.socket() is None:
             return
         for mid in mids:
             self._client.ack(mid, 1)
-        for pair, upto in marks.items():
-            if upto > self._published.get(pair, 0):
-                self._publish_ack(pair, upto)
+        for stream, upto in marks.items():
+            # Never past the run of seqs the agent just sent (see Heard).
+            self._publish_ack(stream, min(upto, caps.get(stream, 0)))
+
+    def _store(self, envelopes: list[EventRow], rejects: list[Reject]) -> dict[Stream, int]:
+        """``store_batch``, and if a message breaks it in a way SQLite did not (a bug
+        it triggers), the batch again one by one with the culprits as rejects: one
+        bad message must not stop the receiver or come back forever."""
+        try:
+            return self.store.store_batch(envelopes, rejects)
+        except StoreError:
+            raise
+        except Exception as exc:
+            log.exception("hq receiver: a batch of %d failed to store (%s); retrying one "
+                          "by one", len(envelopes), exc)
+        marks: dict[Stream, int] = {}
+        culprits: list[Reject] = []
+        for row in envelopes:
+            try:
+                marks.update(self.store.store_batch([row]))
+            except StoreError:
+                raise
+            except Exception as exc:
+                topic = f"{self._prefix}/{row.site}/events/{row.kind}"
+                culprits.append(Reject.of(topic, row.site, row.kind,
+                                          f"cannot be stored: {type(exc).__name__}: {exc}",
+                                          row.payload.encode("utf-8", "replace")))
+        if rejects or culprits:
+            self.store.store_batch([], rejects + culprits)
+        self.counters["rejected"] += len(culprits)
+        return marks
 
     def _store_fleet(self) -> None:
         """Write the batch's status and health messages; a failure loses only a snapshot
@@ -561,32 +688,37 @@ class HqReceiver:
             self._store_failing = True
             log.error("hq receiver: %s; not acknowledged, the broker will redeliver it", exc)
 
-    def _publish_ack(self, pair: Pair, upto: int) -> None:
-        site, kind = pair
+    def _publish_ack(self, stream: Stream, upto: int) -> None:
+        """``{"kind", "upto", "epoch"}`` (the epoch only when the agent sent one) on the
+        site's ``P/acks``, with proof when HQ has a master key."""
+        site, kind, epoch = stream
+        if upto <= 0:
+            return
         ack: dict[str, Any] = {"kind": kind, "upto": upto}
+        if epoch:
+            ack["epoch"] = epoch
         if self._master is not None:
             ack = proof.sign(self._site_key(site), site, "acks", ack)
         info = self._client.publish(f"{self._prefix}/{site}/acks",
                                     json.dumps(ack, separators=(",", ":")), qos=1)
         if info.rc == MQTTErrorCode.MQTT_ERR_SUCCESS:
             self.counters["acks_sent"] += 1
-            self._published[pair] = max(upto, self._published.get(pair, 0))
 
     def _republish(self) -> None:
-        """Re-send the watermark of pairs heard from recently.
+        """Re-send the ack of streams heard from recently.
 
         An agent whose ack got lost (it was reconnecting) would otherwise wait
-        ``ack_timeout_s`` and resend; and a resend of stored events does not
-        move the watermark, so it would get no ack from ``_flush`` at all. The
-        marks are read from the store, so a pair another receiver advanced is
-        acked at its true height.
+        ``ack_timeout_s`` and resend. The marks are read from the store, so a
+        stream another receiver advanced is acked at its true height (capped,
+        as in :meth:`_flush`, at the highest seq heard from it here).
         """
         now = time.monotonic()
         if not self._active or now < self._next_republish:
             return
         self._next_republish = now + REPUBLISH_INTERVAL_S
-        for pair in [p for p, t in self._active.items() if now - t > REPUBLISH_WINDOW_S]:
-            del self._active[pair]
+        for stream in [k for k, (t, _) in self._active.items()
+                       if now - t > REPUBLISH_WINDOW_S]:
+            del self._active[stream]
         if not self._active:
             return
         try:
@@ -594,10 +726,8 @@ class HqReceiver:
         except StoreError as exc:
             log.debug("hq receiver: cannot re-read watermarks: %s", exc)
             return
-        for pair in self._active:
-            upto = marks.get(pair, 0)
-            if upto > 0:
-                self._publish_ack(pair, upto)
+        for stream, (_, heard) in self._active.items():
+            self._publish_ack(stream, min(marks.get(stream, 0), heard.cap))
 
     def _shutdown(self) -> None:
         """Let the last PUBACKs and acks leave, disconnect (the session stays), close."""

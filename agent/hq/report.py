@@ -2,8 +2,10 @@
 
 Per site and kind: distinct events stored, the seq range, gaps (and since when
 each is missing), ranges the agent declared lost, ranges skipped over an
-agent's ``floor`` (acked by an earlier store; not a gap), duplicates dropped and
-the age of the newest event. ``--json`` prints CONTRACT 8's shape (plus extras, see
+agent's ``floor`` (acked by an earlier store; not a gap), duplicates dropped,
+conflicts (one seq under two ids: a replaced box, a wiped outbox, a restored
+backup or a forgery), rejected messages, unproven claims, and the age of the
+newest event. ``--json`` prints CONTRACT 8's shape (plus extras, see
 :meth:`agent.hq.store.SqliteStore.report`); otherwise a table for humans.
 """
 
@@ -50,15 +52,17 @@ def _gaps(details: list[dict[str, Any]]) -> str:
 def format_report(report: dict[str, Any]) -> str:
     """The report as an aligned table, one row per (site, kind)."""
     header = ("SITE", "KIND", "RECEIVED", "SEQS", "ACKED", "GAPS", "LOST", "SKIPPED", "DUPS",
-              "NEWEST")
+              "CONFLICTS", "REJECTED", "UNPROVEN", "NEWEST")
     rows: list[tuple[str, ...]] = []
     for site in report["sites"]:
         for k in site["kinds"]:
             rows.append((
-                site["site"], k["kind"], str(k["received"]), f"{k['first_seq']}..{k['last_seq']}",
+                site["site"] or "?", k["kind"] or "?", str(k["received"]),
+                f"{k['first_seq']}..{k['last_seq']}" if k["first_seq"] is not None else "-",
                 str(k.get("acked_upto", "-")), _gaps(k.get("gap_details", [])),
                 _ranges(k.get("lost", [])), _ranges(k.get("skipped", [])), str(k["duplicates"]),
-                format_age(k.get("newest_age_s")),
+                str(k.get("conflicts", 0)), str(k.get("rejected", 0)),
+                str(k.get("unproven_claims", 0)), format_age(k.get("newest_age_s")),
             ))
     if not rows:
         since = f" since {report['since']}" if report.get("since") else ""
@@ -67,10 +71,19 @@ def format_report(report: dict[str, Any]) -> str:
     lines = ["  ".join(cell.ljust(w) for cell, w in zip(r, widths, strict=True)).rstrip()
              for r in [header, *rows]]
     problems = sum(1 for s in report["sites"] for k in s["kinds"] if k["gaps"] or k.get("lost"))
+    anomalies = sum(1 for s in report["sites"] for k in s["kinds"] if _anomalous(k))
     lines.append("")
     lines.append(f"{problems} site/kind pair(s) with gaps or lost events" if problems
                  else "no gaps")
+    if anomalies:
+        lines.append(f"{anomalies} site/kind pair(s) with conflicts, rejected messages or "
+                     "unproven claims: see 'edge-agent hq report --json' and README "
+                     "'Durability'")
     return "\n".join(lines)
+
+
+def _anomalous(kind: dict[str, Any]) -> bool:
+    return bool(kind.get("conflicts") or kind.get("rejected") or kind.get("unproven_claims"))
 
 
 def has_gaps(report: dict[str, Any]) -> bool:
@@ -78,14 +91,22 @@ def has_gaps(report: dict[str, Any]) -> bool:
     return any(k["gaps"] or k.get("lost") for s in report["sites"] for k in s["kinds"])
 
 
+def has_problems(report: dict[str, Any]) -> bool:
+    """A gap or lost range, or a conflict, a rejected message or an unproven claim:
+    each needs a person, so the daily check must not pass silently."""
+    return has_gaps(report) or any(_anomalous(k) for s in report["sites"] for k in s["kinds"])
+
+
 def report_main(cfg: HqReceiverConfig, site: str | None, since: str | None, as_json: bool,
                 *, out: TextIO | None = None, err: TextIO | None = None,
                 now: float | None = None, date: str | None = None) -> int:
     """Print the report; the exit status of ``edge-agent hq report``.
 
-    0: every (site, kind) is complete between its first and last seq.
+    0: every (site, kind) is complete between its first and last seq, with no
+       conflicts, rejected messages or unproven claims.
     1: some (site, kind) has a gap, or a range its agent declared lost (those
-       events will never arrive: the daily check must not pass silently).
+       events will never arrive: the daily check must not pass silently), or
+       a conflict, a rejected message or an unproven claim.
     2: the store cannot be opened (missing, not an HQ store, unreadable), or
        ``--since`` is not an ISO date/time, or ``--date`` not YYYY-MM-DD; the
        message says which.
@@ -139,4 +160,4 @@ def report_main(cfg: HqReceiverConfig, site: str | None, since: str | None, as_j
     else:
         print(format_report(report), file=out)
         print(f"(generated {report['generated_at']})", file=out)
-    return 1 if has_gaps(report) else 0
+    return 1 if has_problems(report) else 0

@@ -12,7 +12,10 @@ Default 0 keeps everything. What is never deleted, whatever its age:
   the lowest seq it has not finished with; everything from there on stays.
   Without sinks only age counts.
 
-The watermarks (``marks``) and the lost/skipped ranges are never touched:
+Watermarks are per (site, kind, epoch) (agent/hq/store.py), and so is the
+deletion: a row goes only at or below the watermark of the epoch it is filed
+under. The watermarks (``marks``), the lost/skipped ranges, the conflicts and
+the rejects are never touched:
 they are what a site's acks depend on. Fault counts per hour older than the
 cutoff go too.
 
@@ -86,8 +89,10 @@ class SqliteRetention:
                 needs[pair] = min(seq, needs.get(pair, seq))
         deleted = held = 0
         try:
-            marks = self._conn.execute("SELECT site, kind, upto FROM marks").fetchall()
-            for site, kind, upto in marks:
+            # Per stream (site, kind, epoch: agent/hq/store.py): a row goes only at or
+            # below the watermark of the epoch it is filed under.
+            marks = self._conn.execute("SELECT site, kind, epoch, upto FROM marks").fetchall()
+            for site, kind, epoch, upto in marks:
                 limit = upto
                 young = self._conn.execute(
                     "SELECT MIN(seq) FROM events WHERE site = ? AND kind = ? AND ts >= ?",
@@ -98,7 +103,7 @@ class SqliteRetention:
                 if needed is not None and needed - 1 < limit:
                     limit = needed - 1
                     held += 1
-                deleted += self._delete_upto(site, kind, limit)
+                deleted += self._delete_upto(site, kind, epoch, limit)
             self._conn.execute("BEGIN IMMEDIATE")
             with suppress(sqlite3.OperationalError):  # no fleet tables in this store yet
                 self._conn.execute("DELETE FROM device_faults WHERE hour < ?",
@@ -111,17 +116,17 @@ class SqliteRetention:
             raise StoreError(self.path, f"retention failed: {exc}") from None
         return RetentionResult(deleted, held, cutoff)
 
-    def _delete_upto(self, site: str, kind: str, limit: int) -> int:
-        """Delete the pair's events with every seq they cover at or below ``limit``."""
+    def _delete_upto(self, site: str, kind: str, epoch: str, limit: int) -> int:
+        """Delete the stream's events with every seq they cover at or below ``limit``."""
         total = 0
         while True:
             self._conn.execute("BEGIN IMMEDIATE")
             try:
                 cur = self._conn.execute(
-                    "DELETE FROM events WHERE site = ? AND kind = ? AND seq IN ("
-                    " SELECT seq FROM events WHERE site = ? AND kind = ?"
+                    "DELETE FROM events WHERE rowid IN ("
+                    " SELECT rowid FROM events WHERE site = ? AND kind = ? AND epoch = ?"
                     " AND COALESCE(seq_end, seq) <= ? ORDER BY seq LIMIT ?)",
-                    (site, kind, site, kind, limit, DELETE_CHUNK))
+                    (site, kind, epoch, limit, DELETE_CHUNK))
                 self._conn.execute("COMMIT")
             except BaseException:
                 if self._conn.in_transaction:
