@@ -35,6 +35,8 @@ A device entry's keys beyond id/type/url/enabled are the printer's options
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
+import contextlib
 import functools
 import hmac
 import json
@@ -212,6 +214,39 @@ class JobInfo:
     ref: dict[str, str] = field(default_factory=dict)
 
 
+async def _bounded(fn: Callable[[float], None], timeout: float, name: str) -> None:
+    """Run ``fn(timeout)`` in a daemon thread and wait for it at most ``timeout`` + 0.25 s.
+
+    Not ``asyncio.to_thread``: ``asyncio.run`` joins the default executor's threads at
+    exit, so a printer call stuck on a silent device (a status read of up to
+    ``status_timeout_s``) would hold the process past systemd's stop deadline. The
+    printer's own thread is a daemon too; what it still does is settled from disk at
+    the next start.
+    """
+    loop = asyncio.get_running_loop()
+    done: asyncio.Future[None] = loop.create_future()
+
+    def finished() -> None:
+        if not done.done():
+            done.set_result(None)
+
+    def run() -> None:
+        try:
+            fn(timeout)
+        except Exception:
+            log.exception("%s failed", name)
+        finally:
+            with contextlib.suppress(RuntimeError):  # the loop is gone: nobody waits
+                loop.call_soon_threadsafe(finished)
+
+    threading.Thread(target=run, name=name, daemon=True).start()
+    try:
+        await asyncio.wait_for(done, timeout + 0.25)
+    except TimeoutError:  # within the daemon's share for this family (SHUTDOWN_BUDGET_S / 8)
+        log.warning("%s: still busy with the printer after %.2f s; not waiting for it", name,
+                    timeout + 0.25)
+
+
 def _resolved(result: JobResult) -> JobTicket:
     """A ticket for a job finished before this start: both answers are its stored result."""
     first: Future[JobResult] = Future()
@@ -268,6 +303,7 @@ class PrinterService(BaseService):
         self._record_lock = threading.Lock()
         self._closed = False
         self.store: PrintJobStore | None = None
+        self._stopping: Future[None] = Future()
         self._watch_task: asyncio.Task[None] | None = None
         self._seen: dict[str, tuple[Any, ...]] = {}
         self.emit_failures = 0
@@ -379,9 +415,13 @@ class PrinterService(BaseService):
         if self._watch_task is not None:
             self._watch_task.cancel()
             self._watch_task = None
+        if not self._stopping.done():
+            self._stopping.set_result(None)   # command handlers waiting on a printer answer now
         workers = [dev.worker for dev in self.printers.values() if dev.worker is not None]
         try:
-            await asyncio.gather(*(asyncio.to_thread(w.stop, STOP_WORKER_S) for w in workers))
+            await asyncio.gather(*(_bounded(w.stop, STOP_WORKER_S,
+                                            f"printer-stop-{w.queue.printer.name}")
+                                   for w in workers))
         finally:
             # Waiting jobs stay on disk, held, for the next start. A worker still in an
             # attempt past its deadline records nothing from here on.
@@ -751,13 +791,18 @@ class PrinterService(BaseService):
             prepared = self.prepare(kind, args, job_id=current_command_id.get())
             dev = prepared.device
             ticket = self.submit(prepared, "hq", owner=HQ_OWNER)
-            try:
-                first = ticket.first.result(timeout=ANSWER_TIMEOUT_S)
-            except TimeoutError:
-                raise DeviceError(dev.id, f"no answer from the printer's queue within "
-                                          f"{ANSWER_TIMEOUT_S:g} s; job {ticket.job_id} stays "
-                                          f"queued") from None
-            result = self.settled(ticket, first)
+            # Until the first answer, the deadline, or the agent stopping: a SIGTERM must
+            # not wait for a printer that does not answer (the stop is bounded).
+            waits: list[Future[Any]] = [ticket.first, self._stopping]
+            concurrent.futures.wait(waits, ANSWER_TIMEOUT_S,
+                                    return_when=concurrent.futures.FIRST_COMPLETED)
+            if not ticket.first.done():
+                why = ("edge-agent is stopping" if self._stopping.done() else
+                       f"no answer from the printer's queue within {ANSWER_TIMEOUT_S:g} s")
+                raise DeviceError(dev.id, f"{why}; job {ticket.job_id} stays queued (on disk: "
+                                          "it prints when the printer answers, also after a "
+                                          "restart)")
+            result = self.settled(ticket, ticket.first.result())
             if result.outcome in ("printed", "sent"):
                 return result.as_dict()
             raise NotPrinted(dev.id, result, self.not_printed_message(dev, result)

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import json
+import socket
 import subprocess
+import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -181,3 +184,60 @@ def test_held_print_jobs_survive_a_restart_and_print_once(site: LocalSite,
                          command_id="hq-held-312", key=site.site_key, timeout=30)
     assert again == held
     assert printer.printed == [receipt("R-000311"), receipt("R-000312")]
+
+
+@pytest.mark.e2e
+def test_sigterm_with_a_print_command_waiting_on_a_dead_printer_exits_within_10_s(
+        tmp_path: Path) -> None:
+    """A printer that takes the connection and never answers: SIGTERM while an HQ print
+    command waits on it still ends edge-agent run with 0 within the contract's 10 s."""
+    dead = socket.create_server(("127.0.0.1", 0))   # accepts (backlog), never answers
+    try:
+        site = LocalSite(tmp_path / "site", proof_keys=True, devices=[{
+            "id": DEVICE, "type": "receipt_printer",
+            "url": f"tcp://127.0.0.1:{dead.getsockname()[1]}", "status_timeout_s": 25,
+            "retry_interval_s": 0.2, "status_interval_s": 0}])
+        try:
+            site.start()
+            assert site.broker is not None and site.agent is not None
+            answers: list[Any] = []
+
+            def send() -> None:
+                assert site.broker is not None
+                try:
+                    answers.append(send_command(
+                        "127.0.0.1", site.broker.port, f"edge/{site.site_id}", "print-receipt",
+                        {"sale": SALE}, command_id="hq-dead-1", key=site.site_key, timeout=15))
+                except Exception as exc:  # no answer: the agent stopped
+                    answers.append(exc)
+
+            sender = threading.Thread(target=send, daemon=True)
+            sender.start()
+            wait_for(lambda: "hq-dead-1" in (tmp_path / "site" / "agent.log").read_text()
+                     or _journal_has(tmp_path / "site", "hq-dead-1"), timeout=10)
+            started = time.monotonic()
+            assert site.agent.terminate(timeout=20) == 0
+            assert time.monotonic() - started < 10
+            log = (tmp_path / "site" / "agent.log").read_text()
+            assert "stopped cleanly" in log and "Traceback" not in log, log[-2000:]
+            sender.join(20)
+        finally:
+            site.stop()
+    finally:
+        dead.close()
+
+
+def _journal_has(state: Path, command_id: str) -> bool:
+    import sqlite3
+
+    path = state / "commands.sqlite"
+    if not path.exists():
+        return False
+    con = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=1)
+    try:
+        return con.execute("SELECT 1 FROM commands WHERE id = ?", (command_id,)).fetchone() \
+            is not None
+    except sqlite3.Error:
+        return False
+    finally:
+        con.close()
