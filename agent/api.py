@@ -44,7 +44,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel, Field
 from pydantic.json_schema import models_json_schema
 from starlette.exceptions import HTTPException as StarletteHTTPException
-from starlette.requests import HTTPConnection
+from starlette.requests import ClientDisconnect, HTTPConnection
 from starlette.routing import Match
 from starlette.status import WS_1008_POLICY_VIOLATION
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -54,6 +54,7 @@ from agent.allowed_hosts import HostCheck
 from agent.auth import Tokens
 from agent.config import KINDS, AgentConfig
 from agent.errors import DiskFull, EventTooLarge, OutboxError, OutboxFull
+from agent.httpserver import TIMEOUT_SCOPE_KEY
 from agent.idempotency import IdempotencyKeyReused, body_digest
 from agent.metrics import ApiMetrics
 from agent.sessions import COOKIE_NAME, SessionStore, needs_origin_check, same_origin
@@ -152,6 +153,10 @@ def install_error_handlers(app: FastAPI) -> None:
         return JSONResponse(error_body(message), status_code=exc.status_code,
                             headers=exc.headers)
 
+    @app.exception_handler(ClientDisconnect)
+    async def _on_gone(request: Request, exc: ClientDisconnect) -> JSONResponse:
+        return _client_gone(request.scope)
+
     @app.exception_handler(RequestValidationError)
     async def _on_invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
         problems = [{"field": ".".join(str(p) for p in err.get("loc", ())),
@@ -159,6 +164,25 @@ def install_error_handlers(app: FastAPI) -> None:
         first = problems[0] if problems else {"field": None, "message": "invalid request"}
         return JSONResponse(error_body(f"{first['field']}: {first['message']}", first["field"],
                                        problems), status_code=422)
+
+
+def _client_gone(scope: Scope) -> JSONResponse:
+    """The answer to a request whose client left (or stalled) before its body ended.
+
+    Nobody reads it (the server drops it; a stalled body already got its 408 from
+    agent/httpserver.py), but it is what the request counter records: a 4xx, not a
+    500, and a line at DEBUG, not a traceback.
+    """
+    client = scope.get("client") or ("?", 0)
+    if scope.get(TIMEOUT_SCOPE_KEY):
+        log.debug("api: %s %s from %s: the body did not arrive in time", scope.get("method"),
+                  scope.get("path"), client[0])
+        return JSONResponse(error_body("body: did not arrive in time", "body",
+                                       reason="request_timeout"), status_code=408)
+    log.debug("api: %s %s from %s: the client left before its body ended", scope.get("method"),
+              scope.get("path"), client[0])
+    return JSONResponse(error_body("body: the connection closed before the body ended", "body",
+                                   reason="client_disconnected"), status_code=400)
 
 
 # -- ASGI middleware ---------------------------------------------------------------------
@@ -306,6 +330,9 @@ class RequestAccounting:
 
         try:
             await self.app(scope, receive, counting_send)
+        except ClientDisconnect:  # read outside a route (a middleware): still not a 500
+            if not status:
+                await _client_gone(scope)(scope, receive, counting_send)
         except Exception:
             route = self._route(scope)
             log.exception("api: unexpected error answering %s %s", scope.get("method"), route)

@@ -136,6 +136,12 @@ def _nonneg(value: float) -> float:
     return value
 
 
+def _frange(value: float, low: float, high: float) -> float:
+    if not low <= value <= high:
+        raise ValueError(f"must be {low:g}..{high:g}")
+    return value
+
+
 def _range(value: int, low: int, high: int) -> int:
     if not low <= value <= high:
         raise ValueError(f"must be {low}..{high}")
@@ -175,6 +181,11 @@ class ApiConfig(_Section):
     # "*" answers any.
     allowed_hosts: list[Annotated[str, AfterValidator(lambda v: _host_name(v))]] = Field(
         default_factory=list)
+    # Beyond the contract (issue 10, agent/httpserver.py): how long a client may
+    # take over a request's head and its body, and the most connections at once.
+    header_timeout_s: Annotated[float, AfterValidator(lambda v: _frange(v, 0.1, 300))] = 10.0
+    body_timeout_s: Annotated[float, AfterValidator(lambda v: _frange(v, 0.1, 600))] = 30.0
+    max_connections: Annotated[int, AfterValidator(lambda v: _range(v, 16, 65536))] = 512
 
 
 class DeviceConfig(BaseModel):

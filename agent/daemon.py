@@ -15,11 +15,8 @@ import logging
 import signal
 import socket
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
-
-import uvicorn
 
 from agent import __version__, sdnotify
 from agent.advertise import Advertiser
@@ -30,6 +27,7 @@ from agent.command_journal import CommandJournal
 from agent.commands import CommandRouter
 from agent.config import AgentConfig
 from agent.errors import AgentError, OutboxCorrupt, OutboxError
+from agent.httpserver import build_server
 from agent.outbox import Outbox
 from agent.page import close_streams
 from agent.services import Service, ServiceContext, all_devices, build_services
@@ -40,14 +38,6 @@ log = logging.getLogger(__name__)
 
 SHUTDOWN_BUDGET_S = 8.0
 CONDITION_POLL_S = 1.0
-
-
-class _Server(uvicorn.Server):
-    """uvicorn without its own signal handling: the daemon owns SIGTERM/SIGINT."""
-
-    @contextlib.contextmanager
-    def capture_signals(self) -> Iterator[None]:
-        yield
 
 
 class Conditions:
@@ -162,9 +152,12 @@ async def serve(cfg: AgentConfig) -> int:
     uplink.start()
 
     app = create_app(ctx)
-    server = _Server(uvicorn.Config(app, host=cfg.api.bind, port=cfg.api.port,
-                                    log_level="warning", access_log=False, lifespan="on",
-                                    timeout_graceful_shutdown=3))
+    # agent/httpserver.py: TCP_NODELAY, header/body deadlines, the connection cap;
+    # uvicorn's own signal handling is off there (the daemon owns SIGTERM/SIGINT).
+    server = build_server(app, "api", host=cfg.api.bind, port=cfg.api.port,
+                          max_connections=cfg.api.max_connections,
+                          header_timeout_s=cfg.api.header_timeout_s,
+                          body_timeout_s=cfg.api.body_timeout_s, graceful_s=3)
     server_task = asyncio.create_task(server.serve(sockets=[listener]), name="api")
     while not server.started:
         if server_task.done():

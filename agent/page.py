@@ -27,8 +27,10 @@ from __future__ import annotations
 import asyncio
 import collections
 import hashlib
+import ipaddress
 import json
 import logging
+import math
 import threading
 import time
 from collections.abc import AsyncIterator, Callable
@@ -72,6 +74,11 @@ PAGE_HEADERS = {
     # Same-origin requests keep their Referer: the CSRF check's fallback to Origin.
     "Referrer-Policy": "same-origin",
 }
+# Failed sign-ins (POST /v1/session with an unknown token) per client: at most
+# SIGNIN_FAILURES within SIGNIN_WINDOW_S, then 429 until the oldest leaves the window.
+SIGNIN_FAILURES = 5
+SIGNIN_WINDOW_S = 60.0
+SIGNIN_CLIENTS_MAX = 4096
 # Routes whose presence turns on a part of the page (the families are optional).
 FEATURE_ROUTES = {
     "scans": "/v1/scans",
@@ -239,6 +246,82 @@ class AlarmTap:
         return list(self.recent)
 
 
+# -- sign-in throttling -------------------------------------------------------------------
+
+
+def client_key(host: str) -> str:
+    """Whom a failure is counted against: the address, or its /64 for IPv6 (one
+    machine picks addresses at will inside its /64)."""
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        return host
+    if isinstance(address, ipaddress.IPv6Address):
+        if address.ipv4_mapped is not None:
+            return str(address.ipv4_mapped)
+        return str(ipaddress.ip_network(f"{address}/64", strict=False))
+    return str(address)
+
+
+class SignInThrottle:
+    """Failed sign-ins per client in a sliding window; pure, ``now`` passed in.
+
+    Past ``failures`` within ``window_s`` every sign-in from that client (a right
+    token too: that is what makes guessing pointless) waits until the oldest
+    failure leaves the window. At most ``clients_max`` clients are remembered,
+    the longest-quiet forgotten first, so a flood of addresses cannot grow it.
+    """
+
+    def __init__(self, failures: int = SIGNIN_FAILURES, window_s: float = SIGNIN_WINDOW_S,
+                 clients_max: int = SIGNIN_CLIENTS_MAX) -> None:
+        self.failures = failures
+        self.window_s = window_s
+        self.clients_max = clients_max
+        self._seen: collections.OrderedDict[str, collections.deque[float]] = \
+            collections.OrderedDict()
+        self._locked: set[str] = set()
+
+    def _recent(self, client: str, now: float) -> collections.deque[float] | None:
+        times = self._seen.get(client)
+        if times is None:
+            return None
+        while times and times[0] <= now - self.window_s:
+            times.popleft()
+        if not times:
+            del self._seen[client]
+            self._locked.discard(client)
+            return None
+        return times
+
+    def retry_after(self, client: str, now: float) -> float | None:
+        """Seconds until ``client`` may try again, or None when it may now."""
+        times = self._recent(client, now)
+        if times is None or len(times) < self.failures:
+            return None
+        return max(0.001, times[0] + self.window_s - now)
+
+    def first_refusal(self, client: str) -> bool:
+        """True once per lockout: the refusal worth a WARNING (the rest go to DEBUG)."""
+        if client in self._locked:
+            return False
+        self._locked.add(client)
+        return True
+
+    def failed(self, client: str, now: float) -> None:
+        times = self._recent(client, now)
+        if times is None:
+            times = self._seen[client] = collections.deque(maxlen=self.failures)
+        times.append(now)
+        self._seen.move_to_end(client)
+        while len(self._seen) > self.clients_max:
+            forgotten, _ = self._seen.popitem(last=False)
+            self._locked.discard(forgotten)
+
+    def succeeded(self, client: str) -> None:
+        self._seen.pop(client, None)
+        self._locked.discard(client)
+
+
 # -- serving ------------------------------------------------------------------------------
 
 
@@ -299,6 +382,8 @@ def add_session_routes(router: APIRouter, *, check: Callable[[str], str | None],
     sign out. One copy for the site page and the HQ page; ``check`` names a token's
     owner (or None), ``required``/``tokens_key`` say in errors where tokens come from."""
 
+    throttle = SignInThrottle()
+
     @router.post("/v1/session")
     async def sign_in(request: Request) -> Response:
         # Signing in from another origin's page would plant that page's session here.
@@ -306,16 +391,28 @@ def add_session_routes(router: APIRouter, *, check: Callable[[str], str | None],
             ok, why = same_origin(request)
             if not ok:
                 raise ApiProblem(403, why, "Origin", reason="cross_origin")
+        client = request.client.host if request.client else "?"
+        key = client_key(client)
+        wait = throttle.retry_after(key, clock())
+        if wait is not None:
+            seconds = math.ceil(wait)
+            (log.warning if throttle.first_refusal(key) else log.debug)(
+                "%s: too many failed sign-ins from %s; refusing sign-ins for %d s",
+                log_name, client, seconds)
+            raise ApiProblem(429, f"token: too many failed sign-ins from {client}; try again "
+                                  f"in {seconds} s", "token", reason="too_many_attempts",
+                             headers={"Retry-After": str(seconds)})
         body = parse_json_object(await request.body())
         token = body.get("token")
         if not isinstance(token, str) or not token.strip():
             raise ApiProblem(422, f"token: required, {required}", "token")
         name = check(token.strip())
-        client = request.client.host if request.client else "?"
         if name is None:
+            throttle.failed(key, clock())
             log.info("%s: sign-in with an unknown token from %s", log_name, client)
             raise ApiProblem(401, f"token: unknown token; check it against {tokens_key}",
                              "token", reason="unauthenticated")
+        throttle.succeeded(key)
         sessions: SessionStore = request.app.state.sessions
         previous = request.cookies.get(COOKIE_NAME)
         if previous:  # signing in again replaces this browser's session, never piles them up

@@ -2,8 +2,10 @@
 
 Each figure comes with a baseline measured in the same run on the same machine:
 
-- http:    POST /v1/events/sale per second, 8 keep-alive clients, versus the
-           same clients against a bare FastAPI/uvicorn endpoint that stores nothing.
+- http:    POST /v1/events/sale per second, 8 keep-alive clients, with p50/p99
+           latency, versus the same clients against a bare FastAPI/uvicorn
+           endpoint that stores nothing; also the median of GET /healthz,
+           /metrics and /v1/status, and keep-alive over fresh-connection latency.
 - drain:   a 100,000-event backlog drained through mosquitto into the HQ
            receiver (stored and acked, outbox empty) per second, versus
            `mosquitto_pub -q 1 -l` publishing as many messages of the same size
@@ -47,19 +49,24 @@ def _wait(predicate: Any, timeout: float, what: str) -> None:
         time.sleep(0.05)
 
 
-def _hammer(port: int, path: str, token: str, seconds: float, clients: int = 8) -> float:
-    """Requests/s from ``clients`` threads with keep-alive connections."""
+def _hammer(port: int, path: str, token: str, seconds: float,
+            clients: int = 8) -> tuple[float, list[float]]:
+    """Requests/s from ``clients`` threads on keep-alive connections, and every
+    request's latency (s)."""
     body = json.dumps({"data": sample_sale(1)}).encode()
     headers = {"Authorization": f"Bearer {token}", "Content-Type": "application/json"}
     counts = [0] * clients
+    latencies: list[list[float]] = [[] for _ in range(clients)]
     stop = time.monotonic() + seconds
 
     def run(i: int) -> None:
         conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
         while time.monotonic() < stop:
+            started = time.perf_counter()
             conn.request("POST", path, body=body, headers=headers)
             response = conn.getresponse()
             response.read()
+            latencies[i].append(time.perf_counter() - started)
             if response.status == 202:
                 counts[i] += 1
         conn.close()
@@ -70,7 +77,55 @@ def _hammer(port: int, path: str, token: str, seconds: float, clients: int = 8) 
         t.start()
     for t in threads:
         t.join()
-    return sum(counts) / (time.monotonic() - started)
+    return sum(counts) / (time.monotonic() - started), [x for per in latencies for x in per]
+
+
+def _rounds(port: int, token: str, seconds: float) -> tuple[float, list[float]]:
+    """A warm-up, then the median rate of 3 rounds and every latency of the three."""
+    _hammer(port, "/v1/events/sale", token, 1.0)
+    rates, latencies = [], []
+    for _ in range(3):
+        rate, lat = _hammer(port, "/v1/events/sale", token, seconds)
+        rates.append(rate)
+        latencies.extend(lat)
+    return statistics.median(rates), sorted(latencies)
+
+
+def _keep_alive_vs_fresh(port: int, token: str, path: str, pairs: int = 200) -> float:
+    """Median latency on one keep-alive connection over that on fresh connections,
+    interleaved (the Nagle/delayed-ACK stall of issue 10 made it 10-17)."""
+    headers = {"Authorization": f"Bearer {token}"}
+
+    def timed(conn: http.client.HTTPConnection) -> float:
+        started = time.perf_counter()
+        conn.request("GET", path, headers=headers)
+        conn.getresponse().read()
+        return time.perf_counter() - started
+
+    kept = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+    timed(kept)
+    keep_alive, fresh = [], []
+    for _ in range(pairs):
+        keep_alive.append(timed(kept))
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+        fresh.append(timed(conn))
+        conn.close()
+    kept.close()
+    return statistics.median(keep_alive) / statistics.median(fresh)
+
+
+def _get_ms(port: int, token: str, path: str, count: int = 200) -> float:
+    """Median latency (ms) of ``GET path`` on one keep-alive connection."""
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+    headers = {"Authorization": f"Bearer {token}"}
+    times = []
+    for _ in range(count):
+        started = time.perf_counter()
+        conn.request("GET", path, headers=headers)
+        conn.getresponse().read()
+        times.append(time.perf_counter() - started)
+    conn.close()
+    return round(statistics.median(times) * 1000, 3)
 
 
 _BARE_APP = """
@@ -90,23 +145,28 @@ def bench_http(work: Path, seconds: float) -> dict[str, Any]:
     site = LocalSite(work / "http")
     try:
         site.start()
-        _hammer(site.api_port, "/v1/events/sale", site.token, 1.0)  # warm-up
-        rounds = [_hammer(site.api_port, "/v1/events/sale", site.token, seconds)
-                  for _ in range(3)]
+        agent, agent_lat = _rounds(site.api_port, site.token, seconds)
+        cheap = {path: _get_ms(site.api_port, site.token, path)
+                 for path in ("/healthz", "/metrics", "/v1/status")}
+        keep_alive_ratio = _keep_alive_vs_fresh(site.api_port, site.token, "/v1/status")
     finally:
         site.stop()
     port = free_port()
     bare = subprocess.Popen([sys.executable, "-c", _BARE_APP, str(port)])
     try:
         _wait(lambda: _port_open(port), 15, "bare uvicorn")
-        _hammer(port, "/v1/events/sale", "x", 1.0)
-        base = [_hammer(port, "/v1/events/sale", "x", seconds) for _ in range(3)]
+        baseline, base_lat = _rounds(port, "x", seconds)
     finally:
         bare.terminate()
         bare.wait(10)
-    agent, baseline = statistics.median(rounds), statistics.median(base)
     return {"posts_per_s": round(agent), "baseline_bare_fastapi_per_s": round(baseline),
-            "ratio": round(agent / baseline, 3), "clients": 8, "rounds": 3}
+            "ratio": round(agent / baseline, 3), "clients": 8, "rounds": 3,
+            "p50_ms": round(_pct(agent_lat, 50) * 1000, 2),
+            "p99_ms": round(_pct(agent_lat, 99) * 1000, 2),
+            "baseline_p50_ms": round(_pct(base_lat, 50) * 1000, 2),
+            "baseline_p99_ms": round(_pct(base_lat, 99) * 1000, 2),
+            "get_median_ms": cheap,
+            "keep_alive_over_fresh_median": round(keep_alive_ratio, 3)}
 
 
 def _port_open(port: int) -> bool:

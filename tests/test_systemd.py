@@ -304,3 +304,14 @@ def test_notify_unit_command_speaks_sd_notify(unit: Path, tmp_path: Path) -> Non
             proc.kill()
         site.stop()
         notify_sock.close()
+
+
+def test_units_raise_the_open_file_limit_over_the_connection_cap() -> None:
+    """LimitNOFILE in both units covers the HTTP connection cap (twice: descriptors of
+    evicted connections close a loop turn later) plus the reserve, so a flood of
+    connections meets the cap, never EMFILE at accept()."""
+    from agent.httpserver import FD_RESERVE, MAX_CONNECTIONS
+
+    for unit in UNITS:
+        limit = parse_unit(unit)["Service"].get("LimitNOFILE", ["1024"])[-1]
+        assert int(limit.split(":")[0]) >= 2 * MAX_CONNECTIONS + FD_RESERVE, unit.name

@@ -48,6 +48,7 @@ from agent.hq.fleet import FleetStore, by_risk, fleet_rows
 from agent.hq.fleet_cli import policy
 from agent.hq.metrics import HqMetrics
 from agent.hq.store import Store, StoreError, sqlite_path
+from agent.httpserver import BODY_TIMEOUT_S, HEADER_TIMEOUT_S, build_server
 from agent.page import PAGE_HEADERS, _static_response, add_session_routes, load_static
 from agent.sessions import SessionStore
 
@@ -187,16 +188,18 @@ class HqWebServer:
     """uvicorn in a thread of ``edge-agent hq``; the receiver never waits on it."""
 
     def __init__(self, app: FastAPI, host: str, port: int,
-                 on_stop: Callable[[], Any] | None = None) -> None:
+                 on_stop: Callable[[], Any] | None = None, *,
+                 header_timeout_s: float = HEADER_TIMEOUT_S,
+                 body_timeout_s: float = BODY_TIMEOUT_S) -> None:
         import threading
-
-        import uvicorn
 
         self.host, self.port = host, port
         self._on_stop = on_stop
-        self._server = uvicorn.Server(uvicorn.Config(
-            app, host=host, port=port, log_level="warning", lifespan="off",
-            access_log=False))
+        # The site API's server (agent/httpserver.py): TCP_NODELAY, header/body
+        # deadlines, the connection cap, accept errors logged once per edge.
+        self._server = build_server(app, "hq page", host=host, port=port, lifespan="off",
+                                    header_timeout_s=header_timeout_s,
+                                    body_timeout_s=body_timeout_s)
         self._thread = threading.Thread(target=self._server.run, name="hq-web", daemon=True)
 
     def start(self, timeout: float = 10.0) -> bool:
@@ -208,8 +211,10 @@ class HqWebServer:
                 log.info("hq page on http://%s:%d/", self.host, self.port)
                 return True
             time.sleep(0.02)
-        log.error("hq page: cannot serve on %s:%d (in use? see [hq] http_bind/http_port); "
-                  "the receiver runs without it", self.host, self.port)
+        why = self._server.listen_error
+        log.error("hq page: cannot serve on %s:%d (%s; see [hq] http_bind/http_port); "
+                  "the receiver runs without it", self.host, self.port,
+                  why.strerror or why if why else "in use?")
         return False
 
     def stop(self) -> None:
