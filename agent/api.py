@@ -57,6 +57,7 @@ from agent.errors import DiskFull, EventTooLarge, OutboxError, OutboxFull
 from agent.httpserver import TIMEOUT_SCOPE_KEY
 from agent.idempotency import IdempotencyKeyReused, body_digest
 from agent.metrics import ApiMetrics
+from agent.openapi_doc import complete as complete_openapi
 from agent.sessions import COOKIE_NAME, SessionStore, needs_origin_check, same_origin
 from agent.status import build_status
 
@@ -686,12 +687,13 @@ def create_app(ctx: ApiContext) -> FastAPI:
               openapi_extra={"parameters": [
                   {"name": "Idempotency-Key", "in": "header", "required": False,
                    "schema": {"type": "string", "minLength": 1,
-                              "maxLength": IDEMPOTENCY_KEY_MAX},
+                              "maxLength": IDEMPOTENCY_KEY_MAX,
+                              "pattern": "^[!-~]([ -~]*[!-~])?$"},
                    "description": "a repeat with the same key (same caller and kind) and "
                                   "the same body returns the first answer and writes "
                                   "nothing; the same key with another body is 422"},
                   {"name": "X-Edge-Source", "in": "header", "required": False,
-                   "schema": {"type": "string"},
+                   "schema": {"type": "string", "pattern": SOURCE_LABEL_RE.pattern},
                    "description": "a label appended to the token's name as the event source"}],
                   "requestBody": {"required": True, "content": {
                       "application/json": {"schema": _event_body_schema()}}}})
@@ -757,11 +759,13 @@ def create_app(ctx: ApiContext) -> FastAPI:
                               routes=app.routes)
             # The payload models, so integrators see the Sale and Plant rules.
             _, defs = models_json_schema(
-                [(m, "validation") for m in (schemas.Sale, schemas.Plant, schemas.Alarm)],
+                [(m, "validation") for m in (schemas.Sale, schemas.Plant, schemas.Alarm,
+                                             schemas.PostedScan, schemas.PostedReading)],
                 ref_template="#/components/schemas/{model}")
             doc.setdefault("components", {}).setdefault("schemas", {}).update(
                 defs.get("$defs", {}))
-            app.openapi_schema = doc
+            # Every answer each route can give, and one path per kind (agent/openapi_doc.py).
+            app.openapi_schema = complete_openapi(doc)
         return app.openapi_schema
 
     app.openapi = _openapi  # type: ignore[method-assign]
@@ -779,7 +783,47 @@ def create_app(ctx: ApiContext) -> FastAPI:
         collector = service.collector()
         if collector is not None:
             metrics.registry.register(collector)
+    _upgrade_required_routes(app)
     return app
+
+
+def _upgrade_required_routes(app: FastAPI) -> None:
+    """A plain HTTP GET on a WebSocket path answers 426 saying so, rather than a 404
+    that claims the path does not exist (and the document lists the path)."""
+    from starlette.routing import WebSocketRoute
+
+    def sockets(routes: list[Any], prefix: str = "") -> list[tuple[str, str]]:
+        found: list[tuple[str, str]] = []
+        for route in routes:
+            inner = getattr(route, "original_router", None)  # an included router
+            if inner is not None:
+                context = getattr(route, "include_context", None)
+                found += sockets(inner.routes,
+                                 prefix + str(getattr(context, "prefix", "") or ""))
+            elif isinstance(route, WebSocketRoute):
+                found.append((prefix + route.path, route.name))
+        return found
+
+    def answer(path: str) -> Callable[[], Any]:
+        async def upgrade_required() -> JSONResponse:
+            return JSONResponse(error_body(f"{path} is a WebSocket: connect with "
+                                           "'Upgrade: websocket' (and a token)",
+                                           reason="upgrade_required"),
+                                status_code=426, headers={"Upgrade": "websocket"})
+
+        return upgrade_required
+
+    for path, name in sockets(app.router.routes):
+        upgrade_required = answer(path)
+
+        app.add_api_route(path, upgrade_required, methods=["GET"], name=f"{name}_http",
+                          summary=f"WebSocket ({name}); a plain GET answers 426",
+                          responses={101: {"description": "Switching Protocols: the "
+                                           "WebSocket, authenticated by a bearer token or the "
+                                           "session cookie (closed with 1008 when not)"},
+                                     426: {"model": ErrorBody}},
+                          status_code=426, response_class=JSONResponse,
+                          dependencies=[])
 
 
 def outbox_writable(outbox: Outbox) -> tuple[bool, str | None]:

@@ -40,8 +40,9 @@ from typing import TYPE_CHECKING, Any
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
+from pydantic import BaseModel, Field
 
-from agent.api import ApiContext, ApiProblem, Caller, parse_json_object
+from agent.api import ApiContext, ApiProblem, Caller, ErrorBody, parse_json_object
 from agent.envelope import decode, iso_ms
 from agent.errors import OutboxError
 from agent.sessions import COOKIE_NAME, SessionStore, same_origin
@@ -79,6 +80,9 @@ PAGE_HEADERS = {
 SIGNIN_FAILURES = 5
 SIGNIN_WINDOW_S = 60.0
 SIGNIN_CLIENTS_MAX = 4096
+# A token as the sign-in form sends it: something besides blanks (it is stripped).
+SIGNIN_TOKEN_PATTERN = (
+    "^[^\\x00]*[!-~][^\\x00]*$")  # noqa: S105 - a pattern
 # Routes whose presence turns on a part of the page (the families are optional).
 FEATURE_ROUTES = {
     "scans": "/v1/scans",
@@ -246,6 +250,11 @@ class AlarmTap:
         return list(self.recent)
 
 
+class SessionInfo(BaseModel):
+    name: str = Field(description="the name of the token signed in with")
+    expires: str | None = Field(description="when the session ends (ISO 8601, UTC)")
+
+
 # -- sign-in throttling -------------------------------------------------------------------
 
 
@@ -384,7 +393,18 @@ def add_session_routes(router: APIRouter, *, check: Callable[[str], str | None],
 
     throttle = SignInThrottle()
 
-    @router.post("/v1/session")
+    @router.post("/v1/session", summary="Sign in with a token: sets the session cookie",
+                 responses={200: {"model": SessionInfo},
+                            401: {"model": ErrorBody, "description": "unknown token"},
+                            403: {"model": ErrorBody, "description": "from another origin"},
+                            422: {"model": ErrorBody, "description": "no token"},
+                            429: {"model": ErrorBody, "description": "too many failed sign-ins "
+                                  "from this client: wait Retry-After seconds"}},
+                 openapi_extra={"requestBody": {"required": True, "content": {
+                     "application/json": {"schema": {
+                         "type": "object", "required": ["token"],
+                         "properties": {"token": {"type": "string",
+                                                  "pattern": SIGNIN_TOKEN_PATTERN}}}}}}})
     async def sign_in(request: Request) -> Response:
         # Signing in from another origin's page would plant that page's session here.
         if "origin" in request.headers:
@@ -423,7 +443,8 @@ def add_session_routes(router: APIRouter, *, check: Callable[[str], str | None],
         _set_cookie(response, request, session_id, sessions.ttl_s)
         return response
 
-    @router.get("/v1/session")
+    @router.get("/v1/session", response_model=SessionInfo,
+                summary="Who is signed in (renews the cookie)")
     async def who(request: Request, name: Caller) -> Response:
         sessions: SessionStore = request.app.state.sessions
         cookie = request.cookies.get(COOKIE_NAME)
@@ -434,7 +455,9 @@ def add_session_routes(router: APIRouter, *, check: Callable[[str], str | None],
             _set_cookie(response, request, cookie, session.expires - clock())
         return response
 
-    @router.delete("/v1/session")
+    @router.delete("/v1/session", status_code=204, response_class=Response,
+                   summary="Sign out: ends the session and clears the cookie",
+                   responses={403: {"model": ErrorBody, "description": "from another origin"}})
     async def sign_out(request: Request) -> Response:
         cookie = request.cookies.get(COOKIE_NAME)
         if cookie:
@@ -448,7 +471,7 @@ def add_session_routes(router: APIRouter, *, check: Callable[[str], str | None],
 
 
 def page_router(ctx: ApiContext, closing: threading.Event, tap: AlarmTap) -> APIRouter:
-    router = APIRouter(include_in_schema=False)
+    router = APIRouter()
     static = load_static()
 
     def view(request: Request) -> dict[str, Any]:
@@ -467,7 +490,9 @@ def page_router(ctx: ApiContext, closing: threading.Event, tap: AlarmTap) -> API
             "alarms": {"open": open_alarms, "recent": tap.snapshot(), "missed": tap.missed},
         }
 
-    @router.get("/")
+    @router.get("/", response_class=Response, summary="The site page (no token: it holds no data)",
+                responses={200: {"content": {"text/html": {}}}, 304: {"description": "unchanged"},
+                           503: {"model": ErrorBody, "description": "the page is not installed"}})
     async def index(request: Request) -> Response:
         page = static.get("index.html")
         if page is None:  # a broken install: say so instead of a bare 404
@@ -475,7 +500,12 @@ def page_router(ctx: ApiContext, closing: threading.Event, tap: AlarmTap) -> API
                                   "missing); reinstall edge-agent", reason="page_missing")
         return _static_response(request, page, PAGE_HEADERS)
 
-    @router.get("/static/{name}")
+    @router.get("/static/{name}", response_class=Response, summary="The page's files (no token)",
+                responses={200: {"content": {"text/css": {}, "text/javascript": {},
+                                             "image/svg+xml": {}, "image/png": {},
+                                             "image/x-icon": {}, "text/html": {}}},
+                           304: {"description": "unchanged"},
+                           404: {"model": ErrorBody, "description": "no such file"}})
     async def static_file(name: str, request: Request) -> Response:
         file = static.get(name)
         if file is None:
@@ -486,11 +516,17 @@ def page_router(ctx: ApiContext, closing: threading.Event, tap: AlarmTap) -> API
                        required="the API token of this tablet (a line of api.tokens_file)",
                        tokens_key="api.tokens_file", log_name="page")
 
-    @router.get("/v1/page")
+    @router.get("/v1/page", response_class=Response,
+                summary="The page's view of the site: status, HQ link, compliance, alarms",
+                responses={200: {"content": {"application/json": {"schema": {
+                    "type": "object", "required": ["site", "status", "hq", "alarms"]}}}}})
     async def page_view(request: Request, _: Caller) -> Response:
         return Response(json.dumps(view(request), default=str), media_type="application/json")
 
-    @router.get("/v1/events/stream")
+    @router.get("/v1/events/stream", response_class=StreamingResponse,
+                summary="The page's view as Server-Sent Events (status events, on change "
+                        "and every HEARTBEAT_S)",
+                responses={200: {"content": {"text/event-stream": {}}}})
     async def stream(request: Request, _: Caller) -> StreamingResponse:
         return StreamingResponse(_events(request, lambda: view(request), closing),
                                  media_type="text/event-stream",

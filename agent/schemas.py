@@ -8,6 +8,7 @@ than we model; the fields we model are checked strictly.
 
 from __future__ import annotations
 
+import re
 from decimal import Decimal, InvalidOperation
 from typing import Annotated, Any, Literal
 
@@ -21,7 +22,16 @@ UNITS = ("Each", "Grams", "Kilograms", "Milligrams", "Ounces", "Pounds", "Millil
          "Fluid Ounces")
 
 
+# What the OpenAPI document promises (issue 10): plain non-negative decimals, as a POS
+# sends them; Decimal() alone would also take "1e3", "+3" and "-0".
+DECIMAL_PATTERN = r"^[0-9]{1,20}(\.[0-9]{1,10})?$"
+
+
 def _decimal(value: str) -> str:
+    if value.startswith("-"):
+        raise ValueError("must not be negative")
+    if not re.fullmatch(DECIMAL_PATTERN, value):
+        raise ValueError("must be a decimal string such as \"3.5\"")
     try:
         number = Decimal(value)
     except InvalidOperation:
@@ -33,7 +43,8 @@ def _decimal(value: str) -> str:
     return value
 
 
-DecimalStr = Annotated[str, Field(max_length=32), AfterValidator(_decimal)]
+DecimalStr = Annotated[str, Field(max_length=32, json_schema_extra={"pattern": DECIMAL_PATTERN}),
+                       AfterValidator(_decimal)]
 Text = Annotated[str, Field(max_length=256)]
 
 
@@ -56,7 +67,7 @@ class Tax(_Payload):
 
 class Sale(_Payload):
     receipt_number: Annotated[str, Field(min_length=1, max_length=64)]
-    sold_at: Annotated[str, Field(max_length=40)]
+    sold_at: Annotated[str, Field(max_length=40, json_schema_extra={"format": "date-time"})]
     customer_type: Literal[CUSTOMER_TYPES]  # type: ignore[valid-type]
     patient_license: Annotated[str, Field(min_length=1, max_length=64)] | None = None
     # "register" would shadow BaseModel.register (ABCMeta), hence the alias.
@@ -147,7 +158,8 @@ AGENT_ONLY_KINDS: dict[str, str] = {
 
 
 class _Posted(BaseModel):
-    model_config = ConfigDict(extra="forbid", str_strip_whitespace=True)
+    # strict: a reading is a JSON number, never "21.5" or true (what OpenAPI promises).
+    model_config = ConfigDict(extra="forbid", str_strip_whitespace=True, strict=True)
 
 
 class PostedScan(_Posted):
