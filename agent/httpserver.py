@@ -157,6 +157,11 @@ class ConnectionGuard:
         self.counters["evicted"] += evicted
         return evicted > 0
 
+    def making(self) -> bool:
+        """Whether some accepted connections do not have their protocol yet."""
+        self._in_use()  # forgets those that never got one
+        return bool(self._accepted)
+
     def accepted(self) -> None:
         self._accepted.append(time.monotonic())
 
@@ -228,8 +233,10 @@ class GuardedListener(socket.socket):
     def accept(self) -> tuple[socket.socket, Any]:
         guard = self.guard
         while not guard.room():
-            if guard.make_room():
-                raise BlockingIOError  # back on the next turn, with the evicted ones closed
+            if guard.make_room() or guard.making():
+                # Back on the next turn, when the evicted ones are closed, or the ones
+                # accepted this turn have their protocols (and can be evicted).
+                raise BlockingIOError
             conn, _ = super().accept()
             guard.refused()
             with contextlib.suppress(OSError):
