@@ -81,6 +81,23 @@ def _parser() -> argparse.ArgumentParser:
                                help="print a site's key (for its mqtt.hq_key_file), derived "
                                     "from hq.master_key_file")
     site_key.add_argument("site", metavar="SITE", help="the site id")
+    metrc = hsub.add_parser("metrc", help="Metrc reporting: status, retry (CONTRACT 9)")
+    msub = metrc.add_subparsers(dest="metrc_action", required=True, metavar="ACTION")
+    mstatus = msub.add_parser("status", parents=[common],
+                              help="per site: reported, pending, failed (with Metrc's "
+                                   "message), overdue; exit 1 when any failed or overdue")
+    mstatus.add_argument("--site", help="only this site")
+    mstatus.add_argument("--date", help="only events of this day (YYYY-MM-DD, the site's "
+                         "local day)")
+    mstatus.add_argument("--json", action="store_true")
+    mretry = msub.add_parser("retry", parents=[common],
+                             help="re-queue failed events once the cause is fixed")
+    which = mretry.add_mutually_exclusive_group(required=True)
+    which.add_argument("--event", help="one event id")
+    which.add_argument("--site", help="a site (with --failed: all its failed events)")
+    mretry.add_argument("--failed", action="store_true", help="with --site: every failed one")
+    mretry.add_argument("--wait", type=float, default=0.0, metavar="SECONDS",
+                        help="wait this long for the outcome (exit 0 only if all reported)")
 
     preview = sub.add_parser("print-preview", parents=[common],
                              help="render a receipt or label to a PNG file, printing nothing")
@@ -287,6 +304,12 @@ def _hq(path: str, args: argparse.Namespace) -> int:
                          timeout=args.timeout)
     if args.action == "site-key":
         return _site_key(cfg, args.site)
+    if args.action == "metrc":
+        from agent.hq.metrc.cli import retry_main, status_main
+
+        if args.metrc_action == "status":
+            return status_main(cfg, args.site, args.date, args.json)
+        return retry_main(cfg, args.event, args.site, args.failed, args.wait)
     import signal
 
     from agent import sdnotify
@@ -302,6 +325,7 @@ def _hq(path: str, args: argparse.Namespace) -> int:
     worker = threading.Thread(target=receiver.run, args=(stop,), name="hq-receiver")
     worker.start()
     web = start_web(cfg, receiver, metrics)
+    forwarder = _start_metrc(cfg, metrics)
     retention = None
     if cfg.hq.retention_days > 0 and cfg.hq.store.startswith("sqlite:"):
         from agent.hq.retention import RetentionRunner, retention_sinks
@@ -324,10 +348,30 @@ def _hq(path: str, args: argparse.Namespace) -> int:
         web.stop()
     if retention is not None:
         retention.stop()
+    if forwarder is not None:
+        forwarder.stop()
     worker.join(10)
     if receiver.fatal is not None:   # logged by the receiver; systemd restarts us
         return EXIT_DEGRADED
     return EXIT_OK
+
+
+def _start_metrc(cfg: HqReceiverConfig, metrics: Any) -> Any:
+    """The Metrc forwarder when ``[metrc] enabled``; None (logged) when it cannot run:
+    the receiver keeps storing, and ``hq metrc status`` shows the sales waiting."""
+    if not cfg.metrc.enabled:
+        return None
+    from agent.hq.metrc.forwarder import Forwarder, ForwarderError
+    from agent.hq.store import StoreError
+
+    try:
+        forwarder = Forwarder(cfg, registry=metrics.registry)
+    except (ForwarderError, StoreError) as exc:
+        logging.getLogger("agent.hq.metrc").error(
+            "metrc: not forwarding to Metrc: %s (sales are stored and wait)", exc)
+        return None
+    forwarder.start()
+    return forwarder
 
 
 def _site_key(cfg: HqReceiverConfig, site: str) -> int:

@@ -27,6 +27,7 @@ from pydantic import (
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 from agent.errors import ConfigError, ConfigIssue
+from agent.hq.metrc.config import MetrcConfig
 
 DEFAULT_CONFIG_PATH = "/etc/edge-agent/agent.toml"
 CONFIG_ENV = "EDGE_AGENT_CONFIG"
@@ -35,6 +36,7 @@ ENV_PREFIX = "EDGE_AGENT__"
 KINDS: tuple[str, ...] = ("sale", "plant", "scan", "sensor", "print", "device", "alarm")
 DEVICE_TYPES = ("scanner", "receipt_printer", "label_printer", "sensor")
 SITE_ID_RE = re.compile(r"^[a-z0-9-]{1,64}$")
+US_STATE_RE = re.compile(r"^[A-Z]{2}$")
 
 
 def _port(value: int) -> int:
@@ -160,6 +162,21 @@ class OutboxConfig(_Section):
 
 class ComplianceConfig(_Section):
     report_within_h: PositiveFloat = 24.0
+    # Beyond the contract (issue 13): a state's own deadline, by two-letter code
+    # (``report_within_h_by_state = {WA = 24, CO = 12}``); others use report_within_h.
+    report_within_h_by_state: dict[str, PositiveFloat] = Field(default_factory=dict)
+
+    @field_validator("report_within_h_by_state")
+    @classmethod
+    def _states(cls, value: dict[str, float]) -> dict[str, float]:
+        for state in value:
+            if not US_STATE_RE.match(state):
+                raise ValueError(f"{state!r}: must be a two-letter US state code such as 'CO'")
+        return value
+
+    def deadline_h(self, state: str) -> float:
+        """The reporting deadline, in hours, of a site in ``state``."""
+        return self.report_within_h_by_state.get(state, self.report_within_h)
 
 
 def _host_name(value: str) -> str:
@@ -205,9 +222,6 @@ class DeviceConfig(BaseModel):
             raise ValueError("must be a device URL such as serial:///dev/ttyACM0?baudrate=9600, "
                              "usb://VID:PID, tcp://host:9100, file:///path or sim://NAME")
         return value
-
-
-US_STATE_RE = re.compile(r"^[A-Z]{2}$")
 
 
 class HqSiteConfig(_Section):
@@ -328,6 +342,8 @@ class HqReceiverConfig(_Settings):
     hq: HqConfig = Field(default_factory=HqConfig)
     # report_within_h: the deadline the HQ page measures unsent sales against.
     compliance: ComplianceConfig = Field(default_factory=ComplianceConfig)
+    # CONTRACT 9: the Metrc forwarder (agent/hq/metrc/config.py has the keys).
+    metrc: MetrcConfig = Field(default_factory=MetrcConfig)
 
     @property
     def client_id(self) -> str:
