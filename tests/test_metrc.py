@@ -413,3 +413,27 @@ def test_concurrent_claims_never_share_a_row(tmp_path: Path, server: MetrcServer
     finally:
         other.close()
         h.close()
+
+
+def test_retention_keeps_what_metrc_does_not_have(tmp_path: Path, server: MetrcServer) -> None:
+    """The retention sink names the lowest unsettled seq: events not taken in yet, then
+    pending or failed rows; nothing once all are reported."""
+    from agent.hq.metrc.reports import MetrcRetentionSink
+    from agent.hq.retention import retention_sinks
+
+    h = Hq(tmp_path, server)
+    try:
+        (sink,) = retention_sinks(h.cfg)
+        assert isinstance(sink, MetrcRetentionSink)
+        batch = sales(4, server)
+        server.remove_packages(LICENSE, batch[2]["data"]["lines"][0]["package_tag"])
+        h.events.store_batch(batch)
+        assert sink.still_needs() == {(SITE, "sale"): 1}   # not taken in yet
+        h.drain()
+        assert sink.still_needs() == {(SITE, "sale"): 3}   # the failed one
+        server.add_packages(LICENSE, batch[2]["data"]["lines"][0]["package_tag"])
+        h.reports.requeue(h.clock(), site=SITE)
+        h.drain()
+        assert sink.still_needs() == {}
+    finally:
+        h.close()

@@ -141,9 +141,13 @@ class SqliteRetention:
 def retention_sinks(cfg: HqReceiverConfig) -> list[RetentionSink]:
     """The sinks of this HQ that retention must wait for.
 
-    None yet: a downstream forwarder (the Metrc one, CONTRACT 9) adds itself
-    here when it is enabled in ``cfg``, answering :meth:`RetentionSink.still_needs`.
+    The Metrc forwarder (CONTRACT 9) when it is enabled in ``cfg``: what Metrc
+    does not have yet stays.
     """
+    if cfg.metrc.enabled and cfg.hq.store.startswith("sqlite:"):
+        from agent.hq.metrc.reports import MetrcRetentionSink
+
+        return [MetrcRetentionSink(cfg.hq.store, cfg.metrc.kinds)]
     return []
 
 

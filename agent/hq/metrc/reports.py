@@ -368,6 +368,24 @@ class SqliteReportStore:
                 row["overdue"] += n
         return out
 
+    def still_needs(self, kinds: Sequence[str]) -> dict[tuple[str, str], int]:
+        """Per (site, kind): the lowest seq not yet settled with Metrc (retention keeps
+        it and everything above): pending or failed rows, and events not taken in yet."""
+        marks = ",".join("?" for _ in kinds)
+        found = self._read("SELECT value FROM metrc_cursor WHERE name = 'events'")
+        cursor = found[0][0] if found else 0
+        rows = self._read(
+            "SELECT site, kind, MIN(seq) FROM metrc_reports "  # noqa: S608 - marks is fixed
+            f"WHERE state IN ('pending', 'failed') AND kind IN ({marks}) GROUP BY site, kind",
+            list(kinds))
+        rows += self._read(
+            "SELECT site, kind, MIN(seq) FROM events "  # noqa: S608 - marks is fixed text
+            f"WHERE rowid > ? AND kind IN ({marks}) GROUP BY site, kind", [cursor, *kinds])
+        out: dict[tuple[str, str], int] = {}
+        for site, kind, seq in rows:
+            out[(site, kind)] = min(seq, out.get((site, kind), seq))
+        return out
+
     def get(self, event_ids: Sequence[str]) -> list[Report]:
         if not event_ids:
             return []
@@ -415,6 +433,23 @@ class SqliteReportStore:
     def sync_states(self) -> dict[str, dict[str, Any]]:
         rows = self._read("SELECT site, synced_at, packages, error FROM metrc_sync")
         return {s: {"synced_at": at, "packages": n, "error": e} for s, at, n, e in rows}
+
+
+class MetrcRetentionSink:
+    """Retention (agent/hq/retention.py) keeps every event Metrc does not have yet."""
+
+    name = "metrc"
+
+    def __init__(self, url: str, kinds: Sequence[str]) -> None:
+        self.url = url
+        self.kinds = list(kinds)
+
+    def still_needs(self) -> dict[tuple[str, str], int]:
+        store = SqliteReportStore(self.url)
+        try:
+            return store.still_needs(self.kinds)
+        finally:
+            store.close()
 
 
 def _report(row: Sequence[Any]) -> Report:
