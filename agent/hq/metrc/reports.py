@@ -264,9 +264,14 @@ class SqliteReportStore:
                 (owner, now + lease_s, *ids))
             rows = conn.execute(f"SELECT {_COLUMNS} FROM metrc_reports "  # noqa: S608
                                 f"WHERE event_id IN ({marks}) ORDER BY seq", ids).fetchall()
-            payloads = dict(conn.execute(
-                f"SELECT id, payload FROM events WHERE id IN ({marks})", ids).fetchall())  # noqa: S608
-        return Claim(site, kind, [_report(r) for r in rows], payloads)
+            reports = [_report(r) for r in rows]
+            payloads: dict[str, str] = {}
+            for r in reports:   # by (site, kind, seq): the events table's index
+                for event_id, payload in conn.execute(
+                        "SELECT id, payload FROM events WHERE site = ? AND kind = ? "
+                        "AND seq = ? AND id = ?", (r.site, r.kind, r.seq, r.event_id)):
+                    payloads[event_id] = payload
+        return Claim(site, kind, reports, payloads)
 
     def _owned(self, conn: sqlite3.Connection, sql: str, owner: str, ids: Sequence[str],
                params: Sequence[Any]) -> None:
