@@ -437,3 +437,42 @@ def test_retention_keeps_what_metrc_does_not_have(tmp_path: Path, server: MetrcS
         assert sink.still_needs() == {}
     finally:
         h.close()
+
+
+def test_hq_page_api_shows_metrc_per_site_and_day(tmp_path: Path, server: MetrcServer) -> None:
+    """GET /v1/metrc: per site and local day, sales at HQ, reported, pending, failed with
+    Metrc's message, overdue; 422 naming the field for a bad query; needs a token."""
+    from fastapi.testclient import TestClient
+
+    from agent.auth import Tokens
+    from agent.hq.fleet_store import SqliteFleetStore
+    from agent.hq.metrics import HqMetrics
+    from agent.hq.web import HqWebContext, create_hq_app
+
+    h = Hq(tmp_path, server)
+    fleet = SqliteFleetStore(h.cfg.hq.store)
+    try:
+        batch = sales(3, server)
+        server.remove_packages(LICENSE, batch[1]["data"]["lines"][0]["package_tag"])
+        h.events.store_batch(batch)
+        h.drain()
+        sold = datetime.fromisoformat(sample_sale(1)["sold_at"]).timestamp()
+        app = create_hq_app(HqWebContext(h.cfg, Tokens({"ops": "t" * 24}), h.events, fleet,
+                                         HqMetrics(), clock=lambda: sold + 600,
+                                         metrc=h.reports))
+        with TestClient(app) as web:
+            assert web.get("/v1/metrc").status_code == 401
+            web.headers["Authorization"] = "Bearer " + "t" * 24
+            body = web.get("/v1/metrc", params={"site": SITE}).json()
+            assert body["enabled"] is True
+            (day,) = body["days"]
+            assert (day["site"], day["day"], day["at_hq"], day["reported"], day["pending"],
+                    day["overdue"]) == (SITE, "2026-11-22", 3, 2, 0, 0)
+            (failure,) = day["failed"]
+            assert failure["receipt_number"] == "R-000002" and "not active" in failure["error"]
+            bad = web.get("/v1/metrc", params={"days": "0"})
+            assert bad.status_code == 422 and "days" in bad.json()["error"]
+            assert web.get("/v1/metrc", params={"site": "Bad Site"}).status_code == 422
+    finally:
+        fleet.close()
+        h.close()

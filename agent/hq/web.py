@@ -15,6 +15,9 @@ Routes:
 - ``GET /v1/sites/{id}``: one site: its fleet row, the report's kinds (gaps,
   conflicts, rejects where the store has them), devices, and its printers'
   fault counts per hour over ``?hours=`` (default 48, at most 24*31).
+- ``GET /v1/metrc[?site=ID][&days=N]``: Metrc reporting per site and local day
+  (sales at HQ, reported, pending, failed with Metrc's message, overdue) over
+  the last N days (default 7), with ``enabled`` false when ``[metrc]`` is off.
 - ``GET /metrics``: Prometheus text (agent/hq/metrics.py).
 - ``GET /healthz``: 200 while the store answers.
 """
@@ -56,6 +59,7 @@ log = logging.getLogger(__name__)
 
 FAULT_HOURS_DEFAULT = 48
 FAULT_HOURS_MAX = 24 * 31
+METRC_DAYS_MAX = 92
 
 
 @dataclass
@@ -69,6 +73,7 @@ class HqWebContext:
     metrics: HqMetrics
     state_dir: Path | None = None
     clock: Callable[[], float] = field(default=time.time)
+    metrc: Any = None   # agent.hq.metrc.reports.ReportStore when [metrc] is enabled
 
 
 def _json(body: Any, status: int = 200) -> Response:
@@ -169,6 +174,23 @@ def create_hq_app(ctx: HqWebContext) -> FastAPI:
             "generated_at": iso_ms(now),
         })
 
+    @app.get("/v1/metrc")
+    async def metrc(request: Request, _: Caller) -> Response:
+        from agent.hq.metrc.status import by_day
+
+        site_id = request.query_params.get("site")
+        if site_id is not None and not SITE_ID_RE.match(site_id):
+            raise ApiProblem(422, "site: must match [a-z0-9-]{1,64}", "site")
+        raw = request.query_params.get("days", "7")
+        if not raw.isdigit() or not 1 <= int(raw) <= METRC_DAYS_MAX:
+            raise ApiProblem(422, f"days: must be a whole number 1..{METRC_DAYS_MAX}", "days")
+        now = ctx.clock()
+        if ctx.metrc is None:
+            return _json({"enabled": False, "days": [], "generated_at": iso_ms(now)})
+        return _json({"enabled": True, "report_within_h": rules.report_within_h,
+                      "days": by_day(ctx.metrc, ctx.cfg.hq.sites, now, int(raw), site_id),
+                      "generated_at": iso_ms(now)})
+
     @app.get("/metrics")
     async def metrics(_: Caller) -> Response:
         return Response(generate_latest(ctx.metrics.registry), media_type=CONTENT_TYPE_LATEST)
@@ -248,12 +270,23 @@ def start_web(cfg: HqReceiverConfig, receiver: Any, metrics: HqMetrics) -> HqWeb
     # Sessions beside the SQLite store, so a restart keeps people signed in.
     state_dir = (Path(sqlite_path(cfg.hq.store)).parent if cfg.hq.store.startswith("sqlite:")
                  else None)
-    app = create_hq_app(HqWebContext(cfg, tokens, store, fleet, metrics, state_dir))
+    reports = None
+    if cfg.metrc.enabled:
+        from agent.hq.metrc.reports import open_report_store
+
+        try:
+            reports = open_report_store(cfg.hq.store)
+        except StoreError as exc:
+            log.warning("hq page: no Metrc view: %s", exc)
+    app = create_hq_app(HqWebContext(cfg, tokens, store, fleet, metrics, state_dir,
+                                     metrc=reports))
     server = HqWebServer(app, cfg.hq.http_bind, cfg.hq.http_port,
-                         on_stop=lambda: _close(store, fleet))
+                         on_stop=lambda: _close(store, fleet, reports))
     return server if server.start() else None
 
 
-def _close(store: Store, fleet: FleetStore) -> None:
+def _close(store: Store, fleet: FleetStore, reports: Any = None) -> None:
     store.close()
     fleet.close()
+    if reports is not None:
+        reports.close()

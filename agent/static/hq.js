@@ -97,8 +97,11 @@ window.addEventListener("hashchange", () => refresh());
 
 // -- the fleet -------------------------------------------------------------------------------
 
-function problems(site, deadlineH) {
+function problems(site, deadlineH, metrc) {
   const out = [];
+  const m = metrc[site.site];
+  if (m && m.failed) out.push(`Metrc: ${m.failed} failed (kept for a person)`);
+  if (m && m.overdue) out.push(`Metrc: ${m.overdue} overdue (not reported in ${deadlineH} h)`);
   if (site.status === "offline") out.push(`Offline, last seen ${ago(since(site.last_seen))} ago`);
   if (site.status === "never-seen") out.push("Never heard from (registered)");
   if (site.status === "silent") out.push(`Silent: no health for ${ago(since(site.last_seen))}`);
@@ -109,13 +112,13 @@ function problems(site, deadlineH) {
   return out;
 }
 
-function siteCard(site, deadlineH) {
+function siteCard(site, deadlineH, metrc) {
   const risky = site.status === "online" && (site.deadline_share >= 0.5
     || site.devices_down.length || site.alarms.length);
   const waiting = Object.values(site.backlog).reduce((a, b) => a + b, 0);
   const share = Math.min(1, site.deadline_share || 0);
   const meterClass = share >= 1 ? "meter bad" : share >= 0.5 ? "meter warn" : "meter";
-  const list = problems(site, deadlineH);
+  const list = problems(site, deadlineH, metrc);
   return el("a", { class: `card site-card ${site.status}${risky ? " risk" : ""}`,
                    href: `#site/${encodeURIComponent(site.site)}`, "data-site": site.site },
     el("h3", {}, el("span", { text: site.name }),
@@ -144,7 +147,14 @@ async function showFleet() {
     `${s.online} online · ${s.offline} offline · ${s.silent} silent · ${s["never-seen"]} never seen`;
   $("#deadline-h").textContent = String(fleet.report_within_h);
   $("#generated").textContent = `updated ${new Date().toLocaleTimeString()}`;
-  $("#fleet").replaceChildren(...fleet.sites.map((site) => siteCard(site, fleet.report_within_h)));
+  const metrc = {};
+  const m = await api("GET", "/v1/metrc");
+  if (m.ok) for (const row of m.body.days) {
+    const t = (metrc[row.site] = metrc[row.site] || { failed: 0, overdue: 0 });
+    t.failed += row.failed.length;
+    t.overdue += row.overdue;
+  }
+  $("#fleet").replaceChildren(...fleet.sites.map((site) => siteCard(site, fleet.report_within_h, metrc)));
 }
 
 // -- one site --------------------------------------------------------------------------------
@@ -203,9 +213,34 @@ async function showSite(id) {
     el("td", { class: "num", text: String(k.rejected ?? 0) }),
     el("td", { class: "num", text: String(site.backlog[k.kind] ?? 0) }),
     el("td", { text: k.newest_age_s === undefined ? "—" : `${ago(k.newest_age_s)} ago` }))));
+  await showMetrc(site.site);
   $("#fault-window").textContent = `(last ${site.faults.hours} h)`;
   $("#site-faults").replaceChildren(faultChart(site.faults));
   $("#generated").textContent = `updated ${new Date().toLocaleTimeString()}`;
+}
+
+async function showMetrc(id) {
+  const answer = await api("GET", `/v1/metrc?site=${encodeURIComponent(id)}`);
+  const body = $("#site-metrc");
+  const list = $("#site-metrc-failed");
+  if (!answer.ok || !answer.body.enabled) {
+    $("#metrc-note").textContent = answer.ok ? "(reporting to Metrc is off: [metrc] enabled)" : "";
+    body.replaceChildren();
+    list.replaceChildren();
+    return;
+  }
+  $("#metrc-note").textContent = "(the site's local days, last 7)";
+  const days = answer.body.days;
+  body.replaceChildren(...(days.length ? days.map((d) => el("tr", { "data-day": d.day },
+    el("td", { text: d.day }), el("td", { class: "num", text: String(d.at_hq) }),
+    el("td", { class: "num", text: String(d.reported) }),
+    el("td", { class: "num", text: String(d.pending) }),
+    el("td", { class: `num${d.failed.length ? " bad-text" : ""}`, text: String(d.failed.length) }),
+    el("td", { class: `num${d.overdue ? " bad-text" : ""}`, text: String(d.overdue) })))
+    : [el("tr", {}, el("td", { colspan: "6", class: "muted", text: "No sales for Metrc yet." }))]));
+  list.replaceChildren(...days.flatMap((d) => d.failed.map((f) => el("li", {},
+    el("strong", { text: `${f.receipt_number || f.event_id} (${d.day}, ${f.attempts} attempt(s)): ` }),
+    el("span", { text: f.error || "" })))));
 }
 
 function failed(answer) {

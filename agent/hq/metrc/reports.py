@@ -143,7 +143,8 @@ class ReportStore(Protocol):
     def failed(self, owner: str, ids: Sequence[str], error: str, now: float) -> None: ...
     def requeue(self, now: float, *, event_id: str | None = None,
                 site: str | None = None) -> list[str]: ...
-    def reports(self, site: str | None = None, day: str | None = None) -> list[Report]: ...
+    def reports(self, site: str | None = None, day: str | None = None,
+                since_day: str | None = None) -> list[Report]: ...
     def counts(self, now: float) -> dict[str, dict[str, int]]: ...
     def get(self, event_ids: Sequence[str]) -> list[Report]: ...
     def catalog(self, site: str) -> set[str]: ...
@@ -348,8 +349,12 @@ class SqliteReportStore:
 
     # -- reading ---------------------------------------------------------------
 
-    def reports(self, site: str | None = None, day: str | None = None) -> list[Report]:
+    def reports(self, site: str | None = None, day: str | None = None,
+                since_day: str | None = None) -> list[Report]:
         where, params = ["1"], []
+        if since_day is not None:
+            where.append("local_day >= ?")
+            params.append(since_day)
         if site is not None:
             where.append("site = ?")
             params.append(site)

@@ -13,11 +13,13 @@ rest still on their way. A failed row is listed under ``failed`` too.
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
+from datetime import datetime, timedelta
 from typing import Any
+from zoneinfo import ZoneInfo
 
 from agent.config import HqSiteConfig
 from agent.envelope import iso_ms
-from agent.hq.metrc.reports import Report
+from agent.hq.metrc.reports import Report, ReportStore
 
 OVERDUE_LISTED = 20
 
@@ -94,3 +96,24 @@ def format_summary(summary: dict[str, Any]) -> str:
             lines.append(f"  overdue {s['site']} {o['kind']} {o['receipt_number'] or '-'} "
                          f"(event {o['event_id']}, due {o['deadline']})")
     return "\n".join(lines)
+
+
+def by_day(store: ReportStore, sites: Sequence[HqSiteConfig], now: float, days: int,
+           site: str | None = None) -> list[dict[str, Any]]:
+    """The HQ page's rows: one per (site, local day) over the last ``days`` days, newest
+    day first, each with :func:`summarize`'s counts and failures."""
+    zones = {s.id: s.timezone for s in sites}
+    groups: dict[tuple[str, str], list[Report]] = {}
+    oldest = (datetime.fromtimestamp(now, ZoneInfo("UTC")) - timedelta(days=days + 1)
+              ).date().isoformat()
+    for r in store.reports(site=site, since_day=oldest):
+        groups.setdefault((r.site, r.local_day), []).append(r)
+    out = []
+    for (s, day), rows in groups.items():
+        today = datetime.fromtimestamp(now, ZoneInfo(zones.get(s, "UTC"))).date()
+        if day < (today - timedelta(days=days - 1)).isoformat():
+            continue
+        (row,) = summarize(rows, [], now)["sites"]
+        out.append({**row, "day": day, "license_number": next(
+            (e.license_number for e in sites if e.id == s), "")})
+    return sorted(out, key=lambda r: (r["day"], r["site"]), reverse=True)
