@@ -17,6 +17,7 @@ from zoneinfo import ZoneInfo
 
 import pytest
 
+from agent.localbroker import free_port
 from agent.localsite import LocalSite, Proc, edge_agent_argv, write_toml
 from tests.conftest import wait_for
 from tests.metrc_server import MetrcServer
@@ -27,6 +28,9 @@ SITE = "co-denver-01"
 LICENSE = "402R-00001"
 TZ = "America/Denver"
 VENDOR, USER = "vendor-key-e2e-0123456789", "user-key-e2e-9876543210"
+HQ_TOKEN = "hq-operator-token-metrc-0123456789"
+CHROMIUM = "/usr/bin/chromium"
+SCREENSHOTS = Path(__file__).resolve().parent.parent / "docs" / "screenshots"
 
 
 def tag(n: int) -> str:
@@ -55,7 +59,7 @@ class MetrcSite:
     root: Path
     hqs: list[Proc] = field(default_factory=list)
 
-    def hq_config(self, name: str = "hq", **metrc: Any) -> Path:
+    def hq_config(self, name: str = "hq", http_port: int = 0, **metrc: Any) -> Path:
         assert self.site.broker is not None
         (self.root / "vendor.key").write_text(VENDOR + "\n")
         (self.root / "user.key").write_text(USER + "\n")
@@ -63,7 +67,8 @@ class MetrcSite:
         write_toml(path, {
             "mqtt": {"hosts": ["127.0.0.1"], "port": self.site.broker.port, "tls": False,
                      "keepalive_s": 5, "backoff_min_s": 0.1, "backoff_max_s": 1.0},
-            "hq": {"store": f"sqlite:///{self.root}/hq/hq.db", "http_port": 0,
+            "hq": {"store": f"sqlite:///{self.root}/hq/hq.db", "http_port": http_port,
+                   "tokens_file": str(self.tokens()),
                    "master_key_file": str(self.site.workdir / "hq-master.key")},
             "compliance": {"report_within_h": 24},
             "metrc": {"enabled": True, "base_url": self.server.base_url,
@@ -75,6 +80,12 @@ class MetrcSite:
             "hq.sites": [{"id": SITE, "name": "Denver Flagship", "state": "CO",
                           "license_number": LICENSE, "timezone": TZ}],
         })
+        return path
+
+    def tokens(self) -> Path:
+        path = self.root / "hq-tokens"
+        path.write_text(f"ops {HQ_TOKEN}\n", encoding="utf-8")
+        path.chmod(0o600)
         return path
 
     def start_hq(self, config: Path, name: str = "hq") -> Proc:
@@ -166,7 +177,8 @@ def test_unknown_package_fails_with_metrcs_message_then_retry_reports_it(
     exit 1) and does not hold back the others; once the package exists, retry reports it."""
     server = metrc.server
     server.add_packages(LICENSE, tag(21), tag(22), tag(24))
-    config = metrc.hq_config()
+    port = free_port()
+    config = metrc.hq_config(http_port=port)
     metrc.start_hq(config)
     metrc.sell(sale(21), sale(22), sale(23), sale(24))
 
@@ -182,6 +194,7 @@ def test_unknown_package_fails_with_metrcs_message_then_retry_reports_it(
     assert failure["attempts"] >= 1 and failure["since"]
     text = metrc.cli(config, "status")
     assert text.returncode == 1 and "E2E-00023" in text.stdout
+    page_shows_the_failure(f"http://127.0.0.1:{port}", tag(23))
     server.add_packages(LICENSE, tag(23))
     done = metrc.cli(config, "retry", "--site", SITE, "--failed", "--wait", "30")
     assert done.returncode == 0, done.stdout + done.stderr
@@ -255,3 +268,35 @@ def test_catalog_sync_adds_and_removes_tags_at_the_site(metrc: MetrcSite) -> Non
     server.add_packages(LICENSE, tag(200))
     want = set(first[2:]) | {tag(200)}
     wait_for(lambda: tags() == want, 60, 0.5, what="the catalog following Metrc")
+
+
+def page_shows_the_failure(http: str, package: str) -> None:
+    """The HQ page in Debian's Chromium: the site's Metrc card lists today's sales at HQ,
+    reported, failed with Metrc's message; the fleet card says Metrc failed."""
+    from playwright.sync_api import expect, sync_playwright
+
+    from tests.test_e2e_fleet import CHROMIUM_ARGS, LAPTOP
+
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_context(viewport=LAPTOP).new_page()
+            page.goto(http + "/")
+            page.fill("#signin-token", HQ_TOKEN)
+            page.click("#signin-form button[type=submit]")
+            card = page.locator(f".site-card[data-site='{SITE}']")
+            expect(card).to_contain_text("Metrc: 1 failed")
+            card.click()
+            today = datetime.now(ZoneInfo(TZ)).date().isoformat()
+            row = page.locator(f"#site-metrc tr[data-day='{today}']")
+            expect(row).to_contain_text(today)
+            cells = row.locator("td")
+            expect(cells.nth(1)).to_have_text("4")    # sales at HQ
+            expect(cells.nth(2)).to_have_text("3")    # reported
+            expect(cells.nth(4)).to_have_text("1")    # failed
+            expect(page.locator("#site-metrc-failed")).to_contain_text(
+                f"Package {package} is not active or not found")
+            SCREENSHOTS.mkdir(parents=True, exist_ok=True)
+            page.screenshot(path=str(SCREENSHOTS / "hq-metrc-laptop.png"), full_page=True)
+        finally:
+            browser.close()
