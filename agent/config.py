@@ -59,9 +59,18 @@ class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+# Names a site may not have: the shipped broker ACL (config/mosquitto/edge-agent.acl)
+# gives the client certificate "hq" HQ's rights (every site's events, every site's
+# acks and commands), and a site's certificate CN is its id.
+RESERVED_SITE_IDS = frozenset({"hq"})
+
+
 def _site_id(value: str) -> str:
     if not SITE_ID_RE.match(value):
         raise ValueError("must match [a-z0-9-]{1,64} (it is used in every MQTT topic)")
+    if value in RESERVED_SITE_IDS:
+        raise ValueError(f"{value!r} is reserved: the broker ACL (config/mosquitto/"
+                         "edge-agent.acl) gives that certificate name HQ's rights")
     return value
 
 

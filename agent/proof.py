@@ -78,12 +78,16 @@ CLAIM_PROOF_KEY = "claim_proof"
 
 def claims_of(envelope: dict[str, Any]) -> dict[str, Any] | None:
     """An envelope's coverage claims (``floor``, ``lost``, ``seq_end``: what lets HQ ack
-    seqs it never saw) with the ``id`` and ``seq`` they belong to; None if it makes none.
-    The claim proof is over this object, on channel ``claims/{kind}``."""
+    seqs it never saw) with the ``id``, ``seq`` and ``epoch`` (when it has one: HQ acks
+    per epoch) they belong to; None if it makes none. The claim proof is over this
+    object, on channel ``claims/{kind}``."""
     claims = {k: envelope[k] for k in CLAIM_KEYS if k in envelope}
     if not claims:
         return None
-    return {"id": envelope.get("id"), "seq": envelope.get("seq"), **claims}
+    bound = {"id": envelope.get("id"), "seq": envelope.get("seq"), **claims}
+    if "epoch" in envelope:
+        bound["epoch"] = envelope["epoch"]
+    return bound
 
 
 def with_claim_proof(body: bytes, key: bytes, site: str) -> bytes:

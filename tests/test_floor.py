@@ -18,7 +18,7 @@ from agent.hq.report import format_report, report_main
 from agent.hq.store import SqliteStore
 from agent.localbroker import Broker
 from agent.outbox import Outbox
-from agent.uplink import Uplink, with_floor
+from agent.uplink import Uplink, with_epoch, with_floor
 from tests.conftest import wait_for
 from tests.test_hq import SITE, envelope, envelope_bytes, hq_config, kinds_of, running
 from tests.test_uplink import SITE as AGENT_SITE
@@ -169,14 +169,14 @@ def test_a_fresh_hq_store_drains_an_outbox_acked_by_another(broker: Broker,
         with running(HqReceiver(hq_config(broker.port, tmp_path / "a.db"))) as rx_a, \
                 uplink(cfg, outbox):
             wait_for(lambda: depth(outbox, "sale") == 0, timeout=20, what="store A acks 1..100")
-            assert rx_a.store.watermarks() == {(AGENT_SITE, "sale", ""): 100}
+            assert rx_a.store.watermarks() == {(AGENT_SITE, "sale", outbox.epoch): 100}
         submit(outbox, "sale", 50, start=100)
         assert outbox.stats()["sale"].first_seq == 101
         # The same HQ receiver identity, restarted on a new database.
         with running(HqReceiver(hq_config(broker.port, tmp_path / "b.db"))) as rx_b, \
                 uplink(cfg, outbox) as up:
             wait_for(lambda: depth(outbox, "sale") == 0, timeout=20, what="store B acks 101..150")
-            assert rx_b.store.watermarks() == {(AGENT_SITE, "sale", ""): 150}
+            assert rx_b.store.watermarks() == {(AGENT_SITE, "sale", outbox.epoch): 150}
             assert up.snapshot()["acked_upto"]["sale"] == 150
             report = rx_b.store.report()
             events = rx_b.store.events(AGENT_SITE, "sale")
@@ -193,7 +193,8 @@ def test_a_fresh_hq_store_drains_an_outbox_acked_by_another(broker: Broker,
 
 def test_a_resent_oldest_event_carries_the_floor_and_the_stored_bytes(
         broker: Broker, tmp_path: Path) -> None:
-    """Resent oldest seq 3 = stored bytes + "floor":2, (same id/seq/data); a fresh store acks."""
+    """Resent oldest seq 3 = stored bytes + "floor":2, and every event the outbox's
+    "epoch" (same id/seq/data); a fresh store acks."""
     outbox = Outbox(str(tmp_path / "outbox"), AGENT_SITE, max_bytes=1 << 28)
     outbox.open()
     hq = Hq(broker.port)
@@ -206,7 +207,7 @@ def test_a_resent_oldest_event_carries_the_floor_and_the_stored_bytes(
         with uplink(config(broker.port, ack_timeout_s=0.3), outbox):
             submit(outbox, "sale", 5)
             wait_for(lambda: len(copies()) >= 5, what="first sends")
-            stored = dict(outbox.read("sale", 0, 10))
+            stored = {s: with_epoch(b, outbox.epoch) for s, b in outbox.read("sale", 0, 10)}
             assert copies()[:5] == [(s, stored[s]) for s in range(1, 6)]  # seq 1: never a floor
             hq.send_ack("sale", 2)      # another HQ store acked 1..2
             wait_for(lambda: depth(outbox, "sale") == 3, what="1..2 deleted")
@@ -219,7 +220,7 @@ def test_a_resent_oldest_event_carries_the_floor_and_the_stored_bytes(
             assert all(raw == stored[seq] for seq, raw in copies() if seq != 3)
             with running(HqReceiver(hq_config(broker.port, tmp_path / "fresh.db"))) as rx:
                 wait_for(lambda: depth(outbox, "sale") == 0, timeout=20, what="fresh store acks")
-                assert rx.store.watermarks() == {(AGENT_SITE, "sale", ""): 5}
+                assert rx.store.watermarks() == {(AGENT_SITE, "sale", outbox.epoch): 5}
                 assert kinds_of(rx.store.report(), AGENT_SITE)["sale"]["skipped"] == [[1, 2]]
     finally:
         hq.close()

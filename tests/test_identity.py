@@ -159,3 +159,31 @@ def test_heard_caps_an_ack_at_the_run_the_agent_sent() -> None:
     heard.add(3, 3)
     assert heard.run_end(3) == 4
     assert heard.run_end(1_000_000) == 1_000_000 and heard.run_end(7) == 7
+
+
+def test_a_site_may_not_be_called_hq() -> None:
+    """site.id "hq" (the ACL's HQ identity) is refused with an error naming the field."""
+    from pydantic import ValidationError
+
+    from agent.config import AgentConfig
+
+    with pytest.raises(ValidationError, match=r"site\.id") as err:
+        AgentConfig(site={"id": "hq", "name": "x", "timezone": "UTC"})
+    assert "reserved" in str(err.value)
+
+
+def test_each_opening_of_an_outbox_has_its_own_epoch(tmp_path: Path) -> None:
+    """The outbox makes a new epoch at every open and records it, with the one before,
+    in epoch.json (a restored backup restores the file, not the epoch)."""
+    from agent.outbox import Outbox
+    from agent.outbox.epoch import read_epoch
+
+    epochs = []
+    for _ in range(2):
+        ob = Outbox(str(tmp_path / "ob"), SITE, max_bytes=1 << 20, ballast_bytes=0)
+        ob.open()
+        epochs.append(ob.epoch)
+        ob.close()
+    assert epochs[0] != epochs[1] and read_epoch(str(tmp_path / "ob")) == epochs[1]
+    doc = json.loads((tmp_path / "ob" / "epoch.json").read_text())
+    assert doc == {"epoch": epochs[1], "previous": epochs[0]}

@@ -19,7 +19,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 from agent.config import KINDS, AgentConfig
 from agent.localbroker import Broker, free_port, make_tls_files, start_broker
 from agent.outbox import Outbox
-from agent.uplink import DeliveryLedger, Uplink, parse_ack, split_host
+from agent.uplink import DeliveryLedger, Uplink, parse_ack, split_host, with_epoch
 from tests.conftest import wait_for
 
 SITE = "t-site"
@@ -270,7 +270,8 @@ def test_parse_ack_and_hosts() -> None:
 
 def test_events_flow_in_per_kind_order(broker: Broker, outbox: Any, make_hq: Any,
                                        make_uplink: Any) -> None:
-    """Events arrive at HQ as the stored bytes, each kind in seq order, on P/events/{kind}."""
+    """Events arrive at HQ as the stored bytes with the outbox's epoch spliced in, each
+    kind in seq order, on P/events/{kind}."""
     hq = make_hq(broker.port)
     submit(outbox, "sale", 30)
     submit(outbox, "scan", 30)
@@ -281,7 +282,8 @@ def test_events_flow_in_per_kind_order(broker: Broker, outbox: Any, make_hq: Any
     assert hq.seqs("sale") == list(range(1, 51))
     assert hq.seqs("scan") == list(range(1, 31))
     stored = dict(outbox.read("sale", 0, 100))
-    assert hq.raw[[e["seq"] for e in hq.events if e["kind"] == "sale"].index(7)] == stored[7]
+    sent = hq.raw[[e["seq"] for e in hq.events if e["kind"] == "sale"].index(7)]
+    assert sent == with_epoch(stored[7], outbox.epoch)
     assert up.snapshot()["unacked"]["sale"] == 50
 
 
@@ -496,6 +498,38 @@ def test_malformed_acks_are_ignored(broker: Broker, outbox: Any, make_hq: Any,
                if r.levelname == "WARNING") == 1
     hq.send_ack("sale", 5)
     wait_for(lambda: depth(outbox, "sale") == 0, what="a good ack still works")
+
+
+def test_an_ack_for_another_epoch_or_too_big_deletes_nothing(
+        broker: Broker, outbox: Any, make_hq: Any, make_uplink: Any) -> None:
+    """An ack naming another epoch (an earlier run, another box) and a 10 MB or
+    100,000-deep message on P/acks are counted and ignored, before any parsing for the
+    big ones; an ack for the outbox's own epoch deletes."""
+    hq = make_hq(broker.port)
+    up = make_uplink(config(broker.port), outbox)
+    submit(outbox, "sale", 5)
+    wait_for(lambda: len(hq.seqs("sale")) == 5, what="sales at HQ")
+    assert all(json.loads(raw)["epoch"] == outbox.epoch for raw in hq.raw)
+    hq.client.publish(f"{ROOT}/acks", json.dumps({"kind": "sale", "upto": 5,
+                                                  "epoch": "20200101T000000Z-old"}), qos=1)
+    hq.client.publish(f"{ROOT}/acks", b'{"kind":"sale","upto":5,"x":"' + b"y" * (10 << 20)
+                      + b'"}', qos=1)
+    hq.client.publish(f"{ROOT}/acks", b"[" * 100_000 + b"]" * 100_000, qos=1)
+    wait_for(lambda: up.snapshot()["stale_acks"] == 1
+             and up.snapshot()["oversize_messages"] == 2, what="both counted")
+    assert depth(outbox, "sale") == 5 and connected(up)
+    hq.client.publish(f"{ROOT}/acks", json.dumps({"kind": "sale", "upto": 5,
+                                                  "epoch": outbox.epoch}), qos=1)
+    wait_for(lambda: depth(outbox, "sale") == 0, what="the ack for our epoch deletes")
+
+
+def test_parse_ack_reads_the_epoch_and_caps_the_size() -> None:
+    """parse_ack keeps an ack's epoch, refuses a non-string one and anything over 64 KiB."""
+    ack = parse_ack(b'{"kind":"sale","upto":3,"epoch":"e-1"}')
+    assert not isinstance(ack, str) and ack.epoch == "e-1"
+    assert isinstance(parse_ack(b'{"kind":"sale","upto":3,"epoch":7}'), str)
+    assert "limit" in str(parse_ack(b" " * (64 * 1024 + 1)))
+    assert with_epoch(b'{"v":1}', "e-1") == b'{"epoch":"e-1","v":1}'
 
 
 def test_health_is_published_every_interval(broker: Broker, outbox: Any, make_hq: Any,

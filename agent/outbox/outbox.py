@@ -27,6 +27,7 @@ from agent.config import KINDS
 from agent.envelope import iso_ms
 from agent.errors import DiskFull, EventTooLarge, OutboxCorrupt, OutboxError
 from agent.outbox.ballast import Ballast
+from agent.outbox.epoch import start_epoch
 from agent.outbox.reader import OutboxReader
 from agent.outbox.records import Accepted, KindState, KindStats
 from agent.outbox.recovery import recover
@@ -58,6 +59,8 @@ class Outbox:
         self._thread: threading.Thread | None = None
         self._listeners: list[Callable[[], None]] = []
         self._corrupt: list[OutboxCorrupt] = []
+        # This opening's epoch (agent/outbox/epoch.py); the uplink puts it on the wire.
+        self.epoch = ""
 
     # -- lifecycle ---------------------------------------------------------
 
@@ -87,6 +90,7 @@ class Outbox:
                 ballast_released = True
         self._corrupt.extend(recovered.reports)
         self.counters["corrupt_moved"] += len(recovered.reports)
+        self.epoch = start_epoch(self.path)
         if not ballast_released:
             self._ballast.ensure()
         self._writer = Writer(recovered, path=self.path, site=self.site,

@@ -60,12 +60,14 @@ from agent.config import KINDS, AgentConfig
 from agent.errors import OutboxError
 from agent.uplink.ledger import PRIORITY, DeliveryLedger, SentEvent
 from agent.uplink.protocol import (
+    MAX_DOWNLINK_BYTES,
     AckMessage,
     describe_connect_error,
     describe_refusal,
     parse_ack,
     split_host,
     status_payload,
+    with_epoch,
     with_floor,
 )
 
@@ -122,7 +124,7 @@ class Uplink:
         self._last_error: str | None = None
         self.counters = {"acks": 0, "reconnects": 0, "publish_failures": 0, "bad_acks": 0,
                          "forged_acks": 0, "forged_commands": 0, "retained_commands": 0,
-                         "pubacks": 0}
+                         "pubacks": 0, "stale_acks": 0, "oversize_messages": 0}
         # Acks refused per kind (beyond what was sent, or without valid proof): a
         # kind whose acks keep being refused does not drain (status degrades on it).
         self.acks_refused: dict[str, int] = {}
@@ -226,6 +228,9 @@ class Uplink:
                 "forged_commands": self.counters["forged_commands"],
                 "retained_commands": self.counters["retained_commands"],
                 "pubacks": self.counters["pubacks"],
+                "stale_acks": self.counters["stale_acks"],
+                "oversize_messages": self.counters["oversize_messages"],
+                "epoch": self.outbox.epoch,
                 "acks_refused": dict(self.acks_refused),
                 "last_error": self._last_error,
             }
@@ -492,6 +497,16 @@ class Uplink:
 
     def _on_message(self, client: mqtt.Client, userdata: Any, msg: mqtt.MQTTMessage) -> None:
         topic = msg.topic
+        if len(msg.payload) > MAX_DOWNLINK_BYTES:
+            # Before any parsing: a huge or absurdly deep message must cost nothing.
+            with self._lock:
+                self.counters["oversize_messages"] += 1
+                count = self.counters["oversize_messages"]
+            (log.warning if count == 1 else log.debug)(
+                "uplink: ignored a message of %d bytes on %.200s (acks and commands are "
+                "at most %d bytes; %d ignored so far)", len(msg.payload), topic,
+                MAX_DOWNLINK_BYTES, count)
+            return
         if topic == self.topic_acks:
             self._hq_ack(bytes(msg.payload))
         elif topic.startswith(self.topic_commands):
@@ -555,6 +570,15 @@ class Uplink:
         if not self._proved("acks", payload, "forged_acks"):
             return
         parsed = parse_ack(payload)
+        if isinstance(parsed, AckMessage) and parsed.epoch is not None \
+                and parsed.epoch != self.outbox.epoch:
+            # An ack for another run of this outbox (or another box with this site id):
+            # what it covers says nothing about the events this run sent.
+            with self._lock:
+                self.counters["stale_acks"] += 1
+            log.debug("uplink: ignored an ack for epoch %.64r (ours is %s)", parsed.epoch,
+                      self.outbox.epoch)
+            return
         if isinstance(parsed, AckMessage):
             last_seq = self.outbox.stats()[parsed.kind].last_seq
             if parsed.upto > last_seq:
@@ -729,7 +753,10 @@ class Uplink:
                         ledger.read_was_empty(kind, last_seq)
                     continue
                 oldest = stats[kind].first_seq
+                epoch = self.outbox.epoch
                 for seq, body in rows:
+                    # The outbox's epoch first, floor before it: HQ acks per epoch.
+                    body = with_epoch(body, epoch)
                     if seq == oldest and seq > 1:
                         # The oldest event in the outbox (what a connect or an ack timeout
                         # resends first): tell HQ nothing below it will ever come, so a

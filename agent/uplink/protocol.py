@@ -55,16 +55,25 @@ def describe_refusal(reason: ReasonCode | None, where: str) -> str:
     return f"{where}: the broker refused the connection: {name}{hint}"
 
 
+# Acks and commands are a few hundred bytes; anything far bigger is refused
+# before it is parsed (a 10 MB or 100,000-deep message must cost nothing).
+MAX_DOWNLINK_BYTES = 64 * 1024
+
+
 @dataclass(frozen=True)
 class AckMessage:
-    """A valid ack: HQ has stored every ``kind`` event with seq <= ``upto``."""
+    """A valid ack: HQ has stored every ``kind`` event with seq <= ``upto`` that this
+    outbox sent under ``epoch`` (None: an HQ that does not know epochs)."""
 
     kind: str
     upto: int
+    epoch: str | None = None
 
 
 def parse_ack(payload: bytes) -> AckMessage | str:
-    """``{"kind": K, "upto": N}`` from ``P/acks``, or what is wrong with it."""
+    """``{"kind": K, "upto": N, "epoch"?: E}`` from ``P/acks``, or what is wrong with it."""
+    if len(payload) > MAX_DOWNLINK_BYTES:
+        return f"{len(payload)} bytes, over the {MAX_DOWNLINK_BYTES}-byte limit"
     try:
         body = json.loads(payload)
     except (ValueError, RecursionError):   # bad UTF-8 or JSON, or nested absurdly deep
@@ -75,8 +84,20 @@ def parse_ack(payload: bytes) -> AckMessage | str:
     if kind not in KINDS:
         return f"kind {kind!r} is not one of {', '.join(KINDS)}"
     if not isinstance(upto, int) or isinstance(upto, bool) or upto < 0:
-        return f"upto {upto!r} is not a non-negative integer"
-    return AckMessage(kind, upto)
+        return f"upto {upto!r:.40} is not a non-negative integer"
+    epoch = body.get("epoch")
+    if epoch is not None and not isinstance(epoch, str):
+        return f"epoch {epoch!r:.40} is not a string"
+    return AckMessage(kind, upto, epoch)
+
+
+def with_epoch(body: bytes, epoch: str) -> bytes:
+    """The envelope ``body`` with ``"epoch":"E",`` spliced in after its opening brace
+    (agent/outbox/epoch.py): the published bytes only, like ``floor``. ``epoch`` is
+    made by :func:`agent.outbox.epoch.new_epoch` (no character needs escaping)."""
+    if not epoch or not body.startswith(b'{"'):
+        return body
+    return b'{"epoch":"%s",' % epoch.encode() + body[1:]
 
 
 def with_floor(body: bytes, floor: int) -> bytes:
