@@ -695,9 +695,14 @@ def create_app(ctx: ApiContext) -> FastAPI:
                   {"name": "X-Edge-Source", "in": "header", "required": False,
                    "schema": {"type": "string", "pattern": SOURCE_LABEL_RE.pattern},
                    "description": "a label appended to the token's name as the event source"}],
+                  "security": [{"HTTPBearer": []}],
                   "requestBody": {"required": True, "content": {
                       "application/json": {"schema": _event_body_schema()}}}})
-    async def post_event(kind: str, request: Request, name: Caller) -> JSONResponse:
+    async def post_event(kind: str, request: Request) -> JSONResponse:
+        # The hot path: the caller is found without FastAPI's dependency solver (a
+        # quarter of the route's time); the same check as Caller, declared in the
+        # document by openapi_extra's security.
+        name = await authenticated_caller(request, await _bearer(request))
         if kind not in KINDS:
             raise ApiProblem(404, f"kind: unknown event kind {_shown(kind)}; one of "
                                   f"{', '.join(KINDS)}", "kind", reason="unknown_kind")
