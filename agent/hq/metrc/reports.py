@@ -206,6 +206,13 @@ class SqliteReportStore:
         """Take new events of ``kinds`` from ``events`` into ``metrc_reports``."""
         marks = ",".join("?" for _ in kinds)
         taken = 0
+        try:   # nothing new since the last intake: no write lock taken
+            seen = self._read("SELECT value FROM metrc_cursor WHERE name = 'events'")
+            newest = self._read("SELECT MAX(rowid) FROM events")[0][0] or 0
+        except StoreError:
+            return 0   # no events table yet
+        if seen and seen[0][0] == newest:
+            return 0
         with self._write() as conn:
             try:
                 found = conn.execute("SELECT value FROM metrc_cursor WHERE name = 'events'"
@@ -235,14 +242,20 @@ class SqliteReportStore:
                 taken += cur.rowcount
             if len(rows) < INTAKE_LIMIT:
                 last = max(last, top)   # no row of ours up to the top: skip the rest
-            conn.execute("INSERT INTO metrc_cursor (name, value) VALUES ('events', ?) "
-                         "ON CONFLICT (name) DO UPDATE SET value = excluded.value", (last,))
+            if found is None or last != found[0]:
+                conn.execute("INSERT INTO metrc_cursor (name, value) VALUES ('events', ?) "
+                             "ON CONFLICT (name) DO UPDATE SET value = excluded.value", (last,))
         return taken
 
     # -- claiming and settling -----------------------------------------------
 
     def claim(self, owner: str, now: float, lease_s: float, batch: int) -> Claim | None:
         """Lease the next due work: up to ``batch`` sales of one site, or one plant event."""
+        # An idle forwarder polls: a read first, so it takes no write lock (which the
+        # receiver's commits wait on) when nothing is due.
+        if not self._read("SELECT 1 FROM metrc_reports WHERE state = 'pending' AND "
+                          "next_at <= ? AND lease_until <= ? LIMIT 1", (now, now)):
+            return None
         with self._write() as conn:
             first = conn.execute(
                 "SELECT site, kind, event_id FROM metrc_reports WHERE state = 'pending' "
