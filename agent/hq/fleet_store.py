@@ -30,7 +30,7 @@ from agent.hq.fleet import (
     health_from_json,
     health_to_json,
 )
-from agent.hq.store import BUSY_TIMEOUT_S, StoreError, sqlite_path
+from agent.hq.store import StoreError, open_side_tables, sqlite_path
 
 FLEET_SCHEMA = """
 CREATE TABLE IF NOT EXISTS sites_state (
@@ -76,14 +76,7 @@ class SqliteFleetStore:
     def __init__(self, url: str) -> None:
         self.path = sqlite_path(url)
         self._lock = threading.Lock()
-        try:
-            self._conn = sqlite3.connect(self.path, isolation_level=None,
-                                         check_same_thread=False, timeout=BUSY_TIMEOUT_S)
-            self._conn.execute("PRAGMA journal_mode=WAL")
-            self._conn.execute("PRAGMA synchronous=FULL")
-            self._conn.executescript("BEGIN IMMEDIATE;" + FLEET_SCHEMA + "COMMIT;")
-        except sqlite3.Error as exc:
-            raise StoreError(self.path, f"cannot open the fleet tables: {exc}") from None
+        self._conn = open_side_tables(self.path, FLEET_SCHEMA, "the fleet tables")
 
     def close(self) -> None:
         with self._lock:

@@ -352,6 +352,21 @@ def sqlite_path(url: str) -> str:
     return path
 
 
+def open_side_tables(path: str, schema: str, what: str) -> sqlite3.Connection:
+    """A connection of its own to the HQ store's SQLite file, with ``schema`` created:
+    WAL, FULL sync, autocommit (callers open their own transactions). ``what`` names
+    the tables in the error (e.g. "the fleet tables")."""
+    try:
+        conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False,
+                               timeout=BUSY_TIMEOUT_S)
+        conn.execute("PRAGMA journal_mode=WAL")
+        conn.execute("PRAGMA synchronous=FULL")
+        conn.executescript("BEGIN IMMEDIATE;" + schema + "COMMIT;")
+    except sqlite3.Error as exc:
+        raise StoreError(path, f"cannot open {what}: {exc}") from None
+    return conn
+
+
 class SqliteStore:
     """The default store: one SQLite file in WAL mode, every commit ``synchronous=FULL``.
 

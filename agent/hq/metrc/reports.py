@@ -32,7 +32,7 @@ from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from agent.hq.store import BUSY_TIMEOUT_S, StoreError, sqlite_path
+from agent.hq.store import StoreError, open_side_tables, sqlite_path
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS metrc_reports (
@@ -164,14 +164,7 @@ class SqliteReportStore:
     def __init__(self, url: str) -> None:
         self.path = sqlite_path(url)
         self._lock = threading.Lock()
-        try:
-            self._conn = sqlite3.connect(self.path, isolation_level=None,
-                                         check_same_thread=False, timeout=BUSY_TIMEOUT_S)
-            self._conn.execute("PRAGMA journal_mode=WAL")
-            self._conn.execute("PRAGMA synchronous=FULL")
-            self._conn.executescript("BEGIN IMMEDIATE;" + SCHEMA + "COMMIT;")
-        except sqlite3.Error as exc:
-            raise StoreError(self.path, f"cannot open the metrc tables: {exc}") from None
+        self._conn = open_side_tables(self.path, SCHEMA, "the metrc tables")
 
     def close(self) -> None:
         with self._lock:
