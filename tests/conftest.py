@@ -6,9 +6,11 @@ import asyncio
 import itertools
 import logging
 import os
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import TypeVar
 
 import pytest
@@ -40,6 +42,18 @@ def wait_for(predicate: Callable[[], T], timeout: float = 10.0, interval: float 
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout}s waiting for {what}")
         time.sleep(interval)
+
+
+def screenshot_dir() -> Path:
+    """Where the browser tests write their screenshots.
+
+    docs/screenshots/ (the README's pictures, tracked) only when
+    EDGE_SCREENSHOTS=update; otherwise a temporary folder, so an ordinary run
+    leaves the checkout exactly as it was.
+    """
+    if os.environ.get("EDGE_SCREENSHOTS") == "update":
+        return Path(__file__).resolve().parent.parent / "docs" / "screenshots"
+    return Path(tempfile.gettempdir()) / f"edge-screenshots-{os.getpid()}"
 
 
 @pytest.fixture

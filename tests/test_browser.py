@@ -19,7 +19,7 @@ from playwright.sync_api import Browser, Page, expect, sync_playwright
 
 from agent.hqcommand import send_command
 from agent.localsite import LocalSite, sample_sale
-from tests.conftest import wait_for
+from tests.conftest import screenshot_dir, wait_for
 from tests.printer_fakes import LABEL, LABEL_OPTIONS, fake_zpl_printer
 
 pytestmark = pytest.mark.e2e
@@ -30,7 +30,7 @@ CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
                  "--disable-background-networking", "--disable-component-update",
                  "--disable-sync", "--no-first-run"]
-SCREENSHOTS = Path(__file__).resolve().parent.parent / "docs" / "screenshots"
+SCREENSHOTS = screenshot_dir()
 TABLET = {"width": 1280, "height": 800}     # a 10-inch tablet, landscape
 GOOD_TAG = "1A4FF0200000022000000456"
 KNOWN_PACKAGE = "1A4FF0100000022000000777"

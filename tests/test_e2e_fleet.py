@@ -22,7 +22,7 @@ from playwright.sync_api import Browser, expect, sync_playwright
 
 from agent.localbroker import free_port
 from agent.localsite import LocalSite, Proc, edge_agent_argv, sample_sale, write_toml
-from tests.conftest import wait_for
+from tests.conftest import screenshot_dir, wait_for
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
@@ -30,7 +30,7 @@ CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
                  "--disable-background-networking", "--disable-component-update",
                  "--disable-sync", "--no-first-run"]
-SCREENSHOTS = Path(__file__).resolve().parent.parent / "docs" / "screenshots"
+SCREENSHOTS = screenshot_dir()
 LAPTOP = {"width": 1366, "height": 860}
 PHONE = {"width": 390, "height": 844}
 HQ_TOKEN = "hq-operator-token-e2e-0123456789"
@@ -48,6 +48,14 @@ class Fleet:
     def cli(self, *args: str, timeout: float = 30) -> subprocess.CompletedProcess[str]:
         return subprocess.run([*edge_agent_argv(), "hq", *args, "--config", str(self.hq_config)],
                               capture_output=True, text=True, timeout=timeout, check=False)
+
+    def sales_stored(self, site: str) -> int:
+        request = urllib.request.Request(  # noqa: S310 - loopback
+            f"{self.http}/v1/sites/{site}",
+            headers={"Authorization": f"Bearer {HQ_TOKEN}"})
+        with urllib.request.urlopen(request, timeout=5) as response:  # noqa: S310 - loopback
+            kinds = json.load(response)["kinds"]
+        return sum(int(k["received"]) for k in kinds if k["kind"] == "sale")
 
     def fleet(self) -> tuple[int, dict[str, dict[str, Any]]]:
         done = self.cli("fleet", "--json")
@@ -92,6 +100,8 @@ def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
         wait_for(lambda: _get(f"{http}/healthz") == 200, 20, 0.1, what="the HQ page")
         denver.start_agent()
         boulder.start_agent()
+        for n in range(1, 4):  # every test sees Denver's three sales, whichever runs alone
+            assert denver.request("POST", "/v1/events/sale", {"data": sample_sale(n)})[0] == 202
         yield Fleet(denver, boulder, hq, config, http)
     finally:
         for site in (denver, boulder):
@@ -114,9 +124,6 @@ def _get(url: str) -> int:
 def test_hq_fleet_online_never_seen_and_send_catalog_put(fleet: Fleet) -> None:
     """hq fleet: running sites online, the unheard registered one never-seen (exit 1);
     hq send catalog-put reaches the site's catalog and prints its result (exit 0)."""
-    for n in range(1, 4):
-        assert fleet.denver.request("POST", "/v1/events/sale", {"data": sample_sale(n)})[0] == 202
-
     def both_online() -> dict[str, dict[str, Any]] | None:
         code, rows = fleet.fleet()
         ok = all(rows.get(s, {}).get("status") == "online"
@@ -165,6 +172,8 @@ def test_hq_page_fleet_by_risk_and_site_detail(fleet: Fleet, browser: Browser) -
     fleet.boulder.agent.terminate()  # a clean stop: the agent says offline itself
     wait_for(lambda: fleet.fleet()[1]["co-boulder-02"]["status"] == "offline", 30, 0.5,
              what="the stopped agent offline in hq fleet within 30 s")
+    wait_for(lambda: fleet.sales_stored("co-denver-01") == 3, 20, 0.2,
+             what="Denver's three sales stored at HQ")
     SCREENSHOTS.mkdir(parents=True, exist_ok=True)
     for name, viewport in (("laptop", LAPTOP), ("phone", PHONE)):
         context = browser.new_context(viewport=viewport)

@@ -19,7 +19,7 @@ import pytest
 
 from agent.localbroker import free_port
 from agent.localsite import LocalSite, Proc, edge_agent_argv, write_toml
-from tests.conftest import wait_for
+from tests.conftest import screenshot_dir, wait_for
 from tests.metrc_server import MetrcServer
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
@@ -30,7 +30,7 @@ TZ = "America/Denver"
 VENDOR, USER = "vendor-key-e2e-0123456789", "user-key-e2e-9876543210"
 HQ_TOKEN = "hq-operator-token-metrc-0123456789"
 CHROMIUM = "/usr/bin/chromium"
-SCREENSHOTS = Path(__file__).resolve().parent.parent / "docs" / "screenshots"
+SCREENSHOTS = screenshot_dir()
 
 
 def tag(n: int) -> str:
