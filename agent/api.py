@@ -642,7 +642,8 @@ def create_app(ctx: ApiContext) -> FastAPI:
                   # /docs and /redoc pull their JavaScript from a CDN an edge box may not
                   # reach; the document itself is served below, behind the token.
                   docs_url=None, redoc_url=None, openapi_url=None)
-    metrics = ApiMetrics(ctx.outbox, ctx.uplink_snapshot, ctx.clock)
+    metrics = ApiMetrics(ctx.outbox, ctx.uplink_snapshot, ctx.clock,
+                         status=lambda: build_status(ctx, now=ctx.clock()))
     app.state.ctx = ctx
     app.state.metrics = metrics
     # Beside the outbox, in the daemon's state directory (as the services' state_dir).

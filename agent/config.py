@@ -117,6 +117,9 @@ class MqttConfig(_Section):
     backoff_min_s: PositiveFloat = 0.5
     backoff_max_s: PositiveFloat = 30.0
     health_interval_s: PositiveFloat = 30.0
+    # Beyond the contract (issue 10): status turns degraded once the link has been
+    # down this long, counted from the first failure of the outage.
+    down_grace_s: Annotated[float, AfterValidator(lambda v: _nonneg(v))] = 60.0
     # Beyond the contract (issue 9): the site key HQ's acks and commands are proved
     # with (64 hex digits, from ``edge-agent hq site-key SITE``); empty: unchecked.
     hq_key_file: str = ""

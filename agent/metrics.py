@@ -48,10 +48,12 @@ class AgentCollector(Collector):
     """Reads the outbox and the uplink at scrape time; never raises into the scrape."""
 
     def __init__(self, outbox: Outbox, uplink_snapshot: Callable[[], dict[str, Any]],
-                 clock: Callable[[], float] = time.time) -> None:
+                 clock: Callable[[], float] = time.time,
+                 status: Callable[[], dict[str, Any]] | None = None) -> None:
         self._outbox = outbox
         self._uplink_snapshot = uplink_snapshot
         self._clock = clock
+        self._status = status
 
     def collect(self) -> Iterator[Metric]:
         try:
@@ -64,6 +66,35 @@ class AgentCollector(Collector):
             log.exception("metrics: the uplink snapshot failed")
             snapshot = {}
         yield from self._uplink_metrics(snapshot)
+        if self._status is not None:
+            try:
+                status = self._status()
+            except Exception:
+                log.exception("metrics: the status snapshot failed")
+            else:
+                yield from self._status_metrics(status)
+
+    def _status_metrics(self, status: dict[str, Any]) -> Iterator[Metric]:
+        """What ``edge-agent status`` decides, for alerting: degraded, and why (by code)."""
+        from agent.status import REASON_CODES
+
+        reasons = [str(r).split(":", 1)[0] for r in status.get("reasons") or []]
+        yield GaugeMetricFamily("edge_status_degraded",
+                                "1 while GET /v1/status (and edge-agent status) says degraded",
+                                value=1.0 if status.get("state") == "degraded" else 0.0)
+        by_code = GaugeMetricFamily("edge_status_reasons",
+                                    "Degraded reasons of GET /v1/status, by code", labels=["code"])
+        for code in REASON_CODES:
+            by_code.add_metric([code], float(reasons.count(code)))
+        yield by_code
+        uplink = status.get("uplink") or {}
+        down_since = uplink.get("down_since")
+        down_s = (max(0.0, self._clock() - down_since)
+                  if isinstance(down_since, int | float) and uplink.get("state") != "connected"
+                  else 0.0)
+        yield GaugeMetricFamily("edge_uplink_down_seconds",
+                                "Seconds since the first failure of the current uplink outage "
+                                "(0 while connected)", value=down_s)
 
     def _outbox_metrics(self) -> Iterator[Metric]:
         now = self._clock()
@@ -140,8 +171,9 @@ class ApiMetrics:
     """The per-app registry: the collector plus the HTTP request counter."""
 
     def __init__(self, outbox: Outbox, uplink_snapshot: Callable[[], dict[str, Any]],
-                 clock: Callable[[], float] = time.time) -> None:
+                 clock: Callable[[], float] = time.time,
+                 status: Callable[[], dict[str, Any]] | None = None) -> None:
         self.registry = CollectorRegistry(auto_describe=False)
-        self.registry.register(AgentCollector(outbox, uplink_snapshot, clock))
+        self.registry.register(AgentCollector(outbox, uplink_snapshot, clock, status))
         self.http_requests = Counter("edge_http_requests", "HTTP requests answered by the API",
                                      ["route", "status"], registry=self.registry)

@@ -98,14 +98,17 @@ FEATURE_ROUTES = {
 
 
 def hq_link(uplink: dict[str, Any], kinds: dict[str, Any], ack_timeout_s: float,
-            now: float) -> dict[str, Any]:
+            now: float, reasons: list[str] | None = None) -> dict[str, Any]:
     """Whether HQ is taking our events, and what waits; pure.
 
     Connected to the broker is not enough: with the HQ receiver down the broker
     takes every publish and nothing is ever acknowledged. So HQ counts as
     unreachable when events wait, the oldest has waited longer than the ack
-    timeout, and no ack arrived in that time either.
+    timeout, and no ack arrived in that time either. ``reasons`` (the status's):
+    HQ's acks stalled or refused say so too, in the status's words.
     """
+    from agent.uplink.protocol import CAUSES
+
     waiting = sum(int((k or {}).get("depth") or 0) for k in kinds.values())
     ages = [k.get("oldest_age_s") for k in kinds.values() if k and k.get("oldest_age_s")]
     oldest = max(ages) if ages else None
@@ -115,10 +118,15 @@ def hq_link(uplink: dict[str, Any], kinds: dict[str, Any], ack_timeout_s: float,
     view: dict[str, Any] = {"waiting": waiting, "oldest_age_s": oldest,
                             "last_ack_age_s": since_ack, "broker": state,
                             "host": uplink.get("host")}
+    ack_trouble = [r.split(":", 1)[1].strip() for r in reasons or []
+                   if r.split(":", 1)[0] in ("acks_stalled", "acks_refused")]
     if state != "connected":
         error = uplink.get("last_error")
+        cause = CAUSES.get(str(uplink.get("cause")))
         view.update(reachable=False, message="no connection to the HQ broker"
-                    + (f" ({error})" if error else ""))
+                    + (f": {cause}" if cause else "") + (f" ({error})" if error else ""))
+    elif ack_trouble:
+        view.update(reachable=False, message=f"connected to the broker, but {ack_trouble[0]}")
     elif (waiting and oldest is not None and oldest > ack_timeout_s
           and (since_ack is None or since_ack > ack_timeout_s)):
         view.update(reachable=False,
@@ -484,7 +492,8 @@ def page_router(ctx: ApiContext, closing: threading.Event, tap: AlarmTap) -> API
             "site": {"id": ctx.cfg.site.id, "name": ctx.cfg.site.name or ctx.cfg.site.id},
             "ts": iso_ms(now),
             "status": status,
-            "hq": hq_link(status.get("uplink") or {}, kinds, ctx.cfg.mqtt.ack_timeout_s, now),
+            "hq": hq_link(status.get("uplink") or {}, kinds, ctx.cfg.mqtt.ack_timeout_s, now,
+                          status.get("reasons")),
             "compliance": compliance_view(kinds, ctx.cfg.compliance.report_within_h),
             "features": features(request.app),
             "alarms": {"open": open_alarms, "recent": tap.snapshot(), "missed": tap.missed},

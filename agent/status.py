@@ -8,7 +8,12 @@ raised, so status keeps answering while the part it describes is broken.
 starting with a stable code (``uplink_down: ...``) so both people and HQ's
 fleet dashboards can read it:
 
-- ``uplink_down``: not connected to a broker for more than ``UPLINK_GRACE_S``;
+- ``uplink_down``: not connected to a broker for more than ``mqtt.down_grace_s``,
+  counted from the first failure of the outage (reconnect attempts do not restart
+  it); the reason names the cause (keepalive timeout, refused, TLS, DNS...);
+- ``acks_stalled``: events of a kind were sent and HQ's ack has not advanced for
+  ``ACK_STALL_FACTOR`` x ``mqtt.ack_timeout_s`` (resends included) while connected;
+- ``acks_refused``: acks from HQ for a kind with events waiting were refused;
 - ``outbox_full`` / ``disk_full``: the outbox refuses events;
 - ``report_deadline``: the oldest unsent sale (or plant event: both are
   state compliance reports) is older than half of ``compliance.report_within_h``;
@@ -27,6 +32,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from agent import __version__
 from agent.envelope import iso_ms
+from agent.uplink.protocol import CAUSES
 
 if TYPE_CHECKING:
     from agent.config import AgentConfig
@@ -35,8 +41,12 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 # A reconnect after a broker restart or a failover takes a few seconds; only a
-# longer outage is worth a degraded state.
-UPLINK_GRACE_S = 60.0
+# longer outage is worth a degraded state (mqtt.down_grace_s, default 60 s). An ack
+# timeout is healed by a resend; two in a row without progress are an outage.
+ACK_STALL_FACTOR = 2.0
+# Every code a reason may start with (the /metrics edge_status_reasons labels).
+REASON_CODES = ("uplink_down", "acks_stalled", "acks_refused", "outbox_full", "disk_full",
+                "report_deadline", "device_down", "alarm", "snapshot_failed")
 COMPLIANCE_KINDS = ("sale", "plant")
 # Device states that mean "not working"; the drivers report "up", "down",
 # "degraded" (works with a fault such as paper low) or "disabled".
@@ -104,19 +114,37 @@ def _refused_ack_reasons(uplink: dict[str, Any], kinds: dict[str, Any]) -> list[
             if isinstance(count, int) and count > 0 and (kinds.get(kind) or {}).get("depth")]
 
 
-def _uplink_reason(uplink: dict[str, Any], started_at: float, now: float) -> str | None:
+def _uplink_reason(uplink: dict[str, Any], started_at: float, now: float,
+                   grace_s: float) -> str | None:
     state = uplink.get("state") or "disconnected"
     if state == "connected":
         return None
-    since = _epoch(uplink.get("since")) or started_at
+    since = _epoch(uplink.get("down_since")) or _epoch(uplink.get("since")) or started_at
     down_s = now - since
-    if down_s <= UPLINK_GRACE_S:
+    if down_s <= grace_s:
         return None
     host = uplink.get("host")
     error = uplink.get("last_error")
-    return (f"uplink_down: not connected to the broker for {down_s:.0f} s "
+    cause = CAUSES.get(str(uplink.get("cause")))
+    return (f"uplink_down: not connected to the broker for {down_s:.0f} s"
+            f"{f' (cause: {cause})' if cause else ''} "
             f"(state {state}{f', last host {host}' if host else ''}"
             f"{f', last error: {error}' if error else ''}); events wait in the outbox")
+
+
+def _stalled_ack_reasons(uplink: dict[str, Any], kinds: dict[str, Any],
+                         ack_timeout_s: float) -> list[str]:
+    """``acks_stalled``: connected, events of a kind sent, and no ack for 2 timeouts."""
+    waits = uplink.get("ack_wait_s")
+    if uplink.get("state") != "connected" or not isinstance(waits, dict):
+        return []   # while down, uplink_down says why nothing is acked
+    limit = ACK_STALL_FACTOR * ack_timeout_s
+    return [f"acks_stalled: HQ has acknowledged no {kind} event for {wait:.0f} s while "
+            f"{kinds[kind].get('depth')} wait (resent after each mqtt.ack_timeout_s of "
+            f"{ack_timeout_s:g} s); is the HQ receiver running and subscribed?"
+            for kind, wait in sorted(waits.items())
+            if isinstance(wait, int | float) and wait >= limit
+            and (kinds.get(kind) or {}).get("depth")]
 
 
 def _deadline_reasons(kinds: dict[str, Any], report_within_h: float) -> list[str]:
@@ -165,9 +193,11 @@ def build_status(src: StatusSources, now: float | None = None) -> dict[str, Any]
                         {"state": "unknown", "kinds": {}}, reasons)
     alarms = _call("alarms", outbox.status_alarms, [], reasons) or []
 
-    uplink_reason = _uplink_reason(uplink, src.started_at, now)
+    uplink_reason = _uplink_reason(uplink, src.started_at, now, src.cfg.mqtt.down_grace_s)
     if uplink_reason:
         reasons.append(uplink_reason)
+    reasons.extend(_stalled_ack_reasons(uplink, outbox_part.get("kinds", {}),
+                                        src.cfg.mqtt.ack_timeout_s))
     reasons.extend(_refused_ack_reasons(uplink, outbox_part.get("kinds", {})))
     box_state = outbox_part.get("state")
     if box_state == "full":

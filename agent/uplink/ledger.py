@@ -52,6 +52,10 @@ class KindLedger:
     failure_hold_s: float = 0.0
     empty_read_last_seq: int = -1  # read found nothing while last_seq was this: wait for more
     max_sent: int = 0            # highest seq ever handed to MQTT: at or below it is a resend
+    # Since when events handed to MQTT wait for an ack that does not come: set by the
+    # first send after everything sent was acked, moved by every ack that advances, and
+    # kept through rewinds and reconnects (unlike progress_at, which a resend restarts).
+    waiting_since: float | None = None
 
 
 class DeliveryLedger:
@@ -101,6 +105,8 @@ class DeliveryLedger:
             self.resends += 1
         else:
             k.max_sent = seq
+        if k.waiting_since is None and seq > k.acked_upto:
+            k.waiting_since = now
         return entry
 
     def hq_acked(self, kind: str, upto: int, now: float) -> bool:
@@ -117,6 +123,11 @@ class DeliveryLedger:
         while k.inflight and k.inflight[0].seq <= upto:
             k.inflight.popleft()
         k.progress_at = now
+        self._acked(k, now)
+
+    @staticmethod
+    def _acked(k: KindLedger, now: float) -> None:
+        k.waiting_since = None if k.acked_upto >= k.max_sent else now
 
     def puback(self, entry: SentEvent, ok: bool, now: float) -> int | None:
         """A PUBACK for ``entry``; returns the seq the outbox may now delete upto (broker-ack).
@@ -142,6 +153,7 @@ class DeliveryLedger:
         if upto is not None and upto > k.acked_upto:
             k.acked_upto = upto
             k.progress_at = now
+            self._acked(k, now)
             return upto
         return None
 
@@ -163,6 +175,12 @@ class DeliveryLedger:
         """Kinds whose ack has not advanced for ``ack_timeout_s`` while events are out."""
         return [k.kind for k in self.kinds.values()
                 if k.inflight and now - k.progress_at >= self.ack_timeout_s]
+
+    def ack_waits(self, now: float) -> dict[str, float]:
+        """Per kind with events sent and unacked: seconds since the ack last advanced
+        (or since the first of them went out)."""
+        return {k.kind: round(max(0.0, now - k.waiting_since), 3)
+                for k in self.kinds.values() if k.waiting_since is not None}
 
     def next_deadline(self, now: float) -> float:
         """The earliest time a timeout or a hold expires (``inf``: none pending)."""

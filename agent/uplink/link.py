@@ -61,7 +61,10 @@ from agent.errors import OutboxError
 from agent.uplink.ledger import PRIORITY, DeliveryLedger, SentEvent
 from agent.uplink.protocol import (
     MAX_DOWNLINK_BYTES,
+    CAUSES,
     AckMessage,
+    TlsSetupError,
+    connect_error_cause,
     describe_connect_error,
     describe_refusal,
     parse_ack,
@@ -122,6 +125,10 @@ class Uplink:
         self._since = time.time()
         self._last_ack_ts: float | None = None
         self._last_error: str | None = None
+        self._cause: str | None = None        # a CAUSES code while the link is down
+        # Wall time of the first failure of the current outage (None while up): status
+        # counts the grace from here, not from the last reconnect attempt.
+        self._down_since: float | None = time.time()
         self.counters = {"acks": 0, "reconnects": 0, "publish_failures": 0, "bad_acks": 0,
                          "forged_acks": 0, "forged_commands": 0, "retained_commands": 0,
                          "pubacks": 0, "stale_acks": 0, "oversize_messages": 0}
@@ -141,6 +148,7 @@ class Uplink:
         self._connack_deadline = 0.0
         self._refusal: str | None = None      # set by on_connect when CONNACK says no
         self._lost: str | None = None         # set by on_disconnect
+        self._lost_cause = "closed"           # its CAUSES code
         self._paho_error: str | None = None   # last error paho logged (e.g. a TLS alert)
         self._host_index = 0
         self._failed_rounds = 0
@@ -218,6 +226,9 @@ class Uplink:
             acked = {k: v.acked_upto for k, v in ledger.kinds.items()} if ledger else {}
             return {
                 "state": self._state, "host": self._host, "since": self._since,
+                "down_since": None if self._state == "connected" else self._down_since,
+                "cause": None if self._state == "connected" else self._cause,
+                "ack_wait_s": ledger.ack_waits(time.monotonic()) if ledger else {},
                 "last_ack_ts": self._last_ack_ts, "unacked": unacked, "acked_upto": acked,
                 "acks": self.counters["acks"],
                 "resends": ledger.resends if ledger else 0,
@@ -261,7 +272,8 @@ class Uplink:
                     self._turn()
             except Exception as exc:  # the uplink must outlive its own bugs
                 log.exception("uplink: unexpected error; reconnecting")
-                self._drop(f"internal error: {type(exc).__name__}: {exc}", failed=True)
+                self._drop(f"internal error: {type(exc).__name__}: {exc}", "internal",
+                           failed=True)
         try:
             self._goodbye()
         except Exception:  # logged, never raised into the thread
@@ -285,11 +297,13 @@ class Uplink:
         where = f"{host}:{port}"
         self._set_state("connecting", where)
         self._refusal = self._lost = self._paho_error = None
+        self._lost_cause = "closed"
         try:
             client = self._new_client()
             client.connect(host, port, keepalive=self.mq.keepalive_s)
         except Exception as exc:  # mapped to one line below
-            self._attempt_failed(describe_connect_error(exc, where, self.mq.connect_timeout_s))
+            self._attempt_failed(describe_connect_error(exc, where, self.mq.connect_timeout_s),
+                                 connect_error_cause(exc))
             return
         sock = client.socket()
         if isinstance(sock, socket.socket):
@@ -320,13 +334,13 @@ class Uplink:
             for key in ("ca_file", "cert_file", "key_file"):
                 path = getattr(self.mq, key)
                 if path and not os.path.isfile(path):
-                    raise FileNotFoundError(2, f"mqtt.{key} {path} not found", path)
+                    raise TlsSetupError(2, f"mqtt.{key} {path} not found", path)
             try:
                 client.tls_set(ca_certs=self.mq.ca_file or None,
                                certfile=self.mq.cert_file or None,
                                keyfile=self.mq.key_file or None)
             except ssl.SSLError as exc:
-                raise OSError(f"cannot load the TLS files (mqtt.ca_file/cert_file/key_file): "
+                raise TlsSetupError(f"cannot load the TLS files (mqtt.ca_file/cert_file/key_file): "
                               f"{exc.reason or exc}") from None
         client.will_set(self.topic_status, self._status("offline"), qos=1, retain=True)
         client.on_connect = self._on_connect
@@ -337,10 +351,10 @@ class Uplink:
         client.on_log = self._on_log
         return client
 
-    def _attempt_failed(self, message: str) -> None:
+    def _attempt_failed(self, message: str, cause: str) -> None:
         """One host did not work out; after a whole round of hosts, back off."""
         self._close_client()
-        self._note_down(message)
+        self._note_down(message, cause)
         self._host_index += 1
         if self._host_index >= len(self.hosts):
             self._host_index = 0
@@ -352,9 +366,12 @@ class Uplink:
                       self.mq.backoff_min_s * 2 ** min(self._failed_rounds - 1, 30))
         return random.uniform(ceiling / 2, ceiling)  # noqa: S311 - jitter, not crypto
 
-    def _note_down(self, message: str) -> None:
+    def _note_down(self, message: str, cause: str, *, new_outage: bool = False) -> None:
         with self._lock:
             self._last_error = message
+            self._cause = cause if cause in CAUSES else "closed"
+            if self._down_since is None or new_outage:
+                self._down_since = time.time()
         if self._link_up is not False:
             log.error("uplink: %s", message)
             self._link_up = False
@@ -366,15 +383,18 @@ class Uplink:
             log.info("uplink: connected to %s", where)
             self._link_up = True
 
-    def _drop(self, message: str, *, failed: bool = False) -> None:
+    def _drop(self, message: str, cause: str, *, failed: bool = False) -> None:
         """The connection is gone (or unusable): log the edge, schedule the reconnect."""
         was_connected = self._connected
         lived = time.monotonic() - self._connected_at
         self._close_client()
         if not was_connected:
-            self._attempt_failed(message)
+            self._attempt_failed(message, cause)
             return
-        self._note_down(f"lost the connection to {self._host}: {message}")
+        # A connection that lived a while ends an outage and this starts a new one; one
+        # lost within STABLE_CONNECTION_S is the same outage going on (a flapping link).
+        self._note_down(f"lost the connection to {self._host}: {message}", cause,
+                        new_outage=lived >= STABLE_CONNECTION_S)
         self._host_index = 0   # a new round, starting at the preferred host
         if failed or lived < STABLE_CONNECTION_S:
             # A broker that accepts and then drops us at once must not be hammered.
@@ -415,6 +435,9 @@ class Uplink:
         with self._lock:
             self.counters["reconnects"] += 1 if self._ever_connected else 0
             self._last_error = None
+            self._cause = None
+            # Not cleared yet: a connection lost again within STABLE_CONNECTION_S
+            # continues this outage (see _drop); a stable one starts the next afresh.
         self._ever_connected = True
         self._set_state("connected", self._host)
         self._note_up(self._host)
@@ -452,8 +475,17 @@ class Uplink:
                        properties: Properties | None) -> None:
         if flags.is_disconnect_packet_from_server:
             self._lost = f"the broker disconnected us: {reason}"
+            self._lost_cause = "broker_disconnect"
+        elif str(reason) == "Keep alive timeout":
+            # Our own check: the broker did not answer a ping within the keepalive, so
+            # the path to it (or the broker process) is stalled. Nobody closed anything.
+            self._lost = (f"keepalive timeout: no answer from {self._host} within "
+                          f"mqtt.keepalive_s ({self.mq.keepalive_s} s) of our ping; the "
+                          "network or the broker is stalled")
+            self._lost_cause = "keepalive_timeout"
         else:
             self._lost = self._paho_error or "the connection was closed (by the broker or network)"
+            self._lost_cause = "closed"
 
     def _on_log(self, client: mqtt.Client, userdata: Any, level: int, message: str) -> None:
         if level == mqtt.MQTT_LOG_ERR:
@@ -609,7 +641,7 @@ class Uplink:
         assert client is not None
         sock = client.socket()
         if sock is None:
-            self._drop(self._lost or self._paho_error or "connection closed")
+            self._drop(self._lost or self._paho_error or "connection closed", self._lost_cause)
             return
         now = time.monotonic()
         timeout = self._next_misc - now
@@ -631,7 +663,7 @@ class Uplink:
             self._lost_or_refused()
             return
         if self._refusal is not None:
-            self._attempt_failed(self._refusal)
+            self._attempt_failed(self._refusal, "broker_refused")
             return
         if client.want_write() and client.loop_write() != MQTTErrorCode.MQTT_ERR_SUCCESS:
             self._lost_or_refused()
@@ -645,7 +677,8 @@ class Uplink:
         if not self._connected:
             if now >= self._connack_deadline:
                 self._attempt_failed(f"{self._host}: no CONNACK within "
-                                     f"{self.mq.connect_timeout_s:g}s (mqtt.connect_timeout_s)")
+                                     f"{self.mq.connect_timeout_s:g}s (mqtt.connect_timeout_s)",
+                                     "timeout")
             return
         self._flush_acks()
         if self._stopping.is_set():
@@ -658,10 +691,13 @@ class Uplink:
 
     def _lost_or_refused(self) -> None:
         if self._refusal is not None:
-            self._attempt_failed(self._refusal)
+            self._attempt_failed(self._refusal, "broker_refused")
             return
         reason = self._lost or self._paho_error or "connection closed"
+        cause = self._lost_cause
         if not self._connected:
+            if any(word in reason.upper() for word in ("SSL", "TLS", "CERTIFICATE")):
+                cause = "tls"
             if "CERTIFICATE_REQUIRED" in reason.upper().replace(" ", "_"):
                 # TLS 1.3: the server checks the client certificate after the handshake,
                 # so a missing one shows up as an alert on the first read.
@@ -669,7 +705,7 @@ class Uplink:
                           f"mqtt.cert_file and mqtt.key_file ({reason})")
             else:
                 reason = f"{self._host}: connection closed before CONNACK ({reason})"
-        self._drop(reason)
+        self._drop(reason, cause)
 
     def _wait_wake(self, seconds: float) -> None:
         readable, _, _ = select.select([self._wake_r], [], [], max(0.0, seconds))

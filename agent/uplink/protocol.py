@@ -47,6 +47,42 @@ def describe_connect_error(exc: BaseException, where: str, connect_timeout: floa
     return f"{where}: {type(exc).__name__}: {exc}"
 
 
+# Why the link is down, as a stable code (status reasons, P/health, the page); the
+# words are what an operator reads after "cause:".
+CAUSES: dict[str, str] = {
+    "keepalive_timeout": "keepalive timeout (no answer to our ping: the network or the "
+                         "broker stalled)",
+    "refused": "connection refused",
+    "broker_refused": "the broker refused the connection (CONNACK)",
+    "broker_disconnect": "the broker disconnected us",
+    "tls": "TLS",
+    "dns": "DNS",
+    "timeout": "no answer in time",
+    "closed": "connection closed",
+    "network": "network error",
+    "internal": "internal error",
+}
+
+
+class TlsSetupError(OSError):
+    """The TLS files (mqtt.ca_file/cert_file/key_file) are missing or cannot be loaded."""
+
+
+def connect_error_cause(exc: BaseException) -> str:
+    """The :data:`CAUSES` code of an exception from connecting (see describe_connect_error)."""
+    if isinstance(exc, ssl.SSLError | TlsSetupError):
+        return "tls"
+    if isinstance(exc, ConnectionRefusedError):
+        return "refused"
+    if isinstance(exc, socket.gaierror):
+        return "dns"
+    if isinstance(exc, TimeoutError | socket.timeout):
+        return "timeout"
+    if isinstance(exc, OSError):
+        return "network"
+    return "internal"
+
+
 def describe_refusal(reason: ReasonCode | None, where: str) -> str:
     name = str(reason) if reason is not None else "unknown reason"
     hint = ""
