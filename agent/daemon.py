@@ -5,6 +5,13 @@ outbox is open and the API listens. SIGTERM sends STOPPING=1, stops taking
 requests, lets the group commit finish what it holds, publishes the offline
 status and exits within ``SHUTDOWN_BUDGET_S``; nothing accepted is lost because
 "accepted" already means "on disk".
+
+Every component is entered on one ``AsyncExitStack`` as it starts, so a start-up
+that fails halfway stops what already runs, in reverse order, like a SIGTERM.
+Each stop step gets a slice of one shared deadline, and what still hangs after
+it (a print command waiting on a dead printer, a thread in a driver call) is
+left behind: :func:`run` exits past such threads, and a watchdog armed at
+SIGTERM ends the process at ``HARD_EXIT_S`` whatever happens.
 """
 
 from __future__ import annotations
@@ -12,9 +19,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import signal
 import socket
+import threading
 import time
+from collections.abc import Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +49,10 @@ log = logging.getLogger(__name__)
 
 SHUTDOWN_BUDGET_S = 8.0
 CONDITION_POLL_S = 1.0
+# The outbox's final commit and close always get this much of the budget.
+OUTBOX_CLOSE_S = 2.0
+# systemd's TimeoutStopSec is 15 s and the contract says 10: past this, exit anyway.
+HARD_EXIT_S = 9.5
 
 
 class Conditions:
@@ -55,6 +70,10 @@ class Conditions:
         counters = self._outbox.counters
         return {"outbox_full": counters.get("refused_full", 0),
                 "disk_full": counters.get("refused_disk", 0)}
+
+    async def poll_within(self, timeout: float) -> None:
+        """A last :meth:`poll` while stopping, bounded (a stuck writer must not hold it)."""
+        await _bounded("the last alarm poll", self.poll(), timeout)
 
     def report_corrupt(self, report: OutboxCorrupt) -> None:
         self._pending.append({"code": "outbox_corrupt", "severity": "critical",
@@ -98,20 +117,86 @@ def _json(value: Any) -> str:
     return json.dumps(value, separators=(",", ":"))
 
 
+class Deadline:
+    """One time budget shared by the stop steps; it starts on first use."""
+
+    def __init__(self, budget_s: float, clock: Callable[[], float] = time.monotonic) -> None:
+        self.budget_s = budget_s
+        self._clock = clock
+        self._ends: float | None = None
+
+    def start(self) -> None:
+        if self._ends is None:
+            self._ends = self._clock() + self.budget_s
+
+    def left(self, cap: float, reserve: float = 0.0) -> float:
+        """Seconds a step may take: at most ``cap``, keeping ``reserve`` for later steps."""
+        self.start()
+        assert self._ends is not None
+        return max(0.05, min(cap, self._ends - self._clock() - reserve))
+
+
+async def _bounded(what: str, awaitable: Awaitable[Any], timeout: float) -> None:
+    """Await one stop step for at most ``timeout`` s; a failure or a hang is logged."""
+    try:
+        await asyncio.wait_for(awaitable, timeout)
+    except TimeoutError:
+        log.warning("stopping: %s did not finish within %.1f s; going on without it", what,
+                    timeout)
+    except Exception:  # one part failing to stop must not keep the rest running
+        log.exception("stopping: %s failed", what)
+
+
+def _arm_hard_exit(seconds: float) -> threading.Timer:
+    """Exit the process ``seconds`` from now if the clean stop has not ended it by then."""
+    def force() -> None:
+        log.error("stopping took longer than %.1f s; exiting now (every accepted event is "
+                  "already on disk)", seconds)
+        logging.shutdown()
+        os._exit(1)
+
+    timer = threading.Timer(seconds, force)
+    timer.daemon = True
+    timer.start()
+    return timer
+
+
 async def serve(cfg: AgentConfig) -> int:
     """Run until SIGTERM/SIGINT; return the process exit code."""
+    hard_exit: list[threading.Timer] = []
+    try:
+        async with contextlib.AsyncExitStack() as stack:
+            code = await _serve(cfg, stack, hard_exit)
+        log.info("stopped cleanly")
+        return code
+    finally:
+        for timer in hard_exit:
+            timer.cancel()
+
+
+async def _serve(cfg: AgentConfig, stack: contextlib.AsyncExitStack,
+                 hard_exit: list[threading.Timer]) -> int:
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
+    deadline = Deadline(SHUTDOWN_BUDGET_S)
+
+    def on_signal() -> None:
+        if not stop.is_set():
+            stop.set()
+            hard_exit.append(_arm_hard_exit(HARD_EXIT_S))
+
     for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
+        loop.add_signal_handler(sig, on_signal)
 
     tokens = Tokens.load(cfg.api.tokens_file)
     # Bind before anything starts: a port in use is a clear error, not a
     # half-started daemon (uvicorn would sys.exit from inside its task).
     listener = _listen(cfg.api.bind, cfg.api.port)
+    stack.callback(listener.close)   # uvicorn closes it too; this covers a failed start
     outbox = Outbox(cfg.outbox.path, cfg.site.id, max_bytes=cfg.outbox.max_bytes,
                     max_batch=cfg.outbox.max_batch, ballast_bytes=cfg.outbox.ballast_bytes)
     reports = await asyncio.to_thread(outbox.open)
+    stack.push_async_callback(_close_outbox, outbox, deadline)
     conditions = Conditions(outbox)
     for report in reports:
         log.error("%s", report)
@@ -122,6 +207,16 @@ async def serve(cfg: AgentConfig) -> int:
     journal = await asyncio.to_thread(CommandJournal, Path(cfg.outbox.path).parent)
     router = CommandRouter(lambda result: uplink.send_command_result(result) if uplink else None,
                            journal=journal)
+    # A command still running (a print on a dead printer) is not waited for past its slice.
+    stack.push_async_callback(lambda: _bounded("the command router", asyncio.to_thread(
+        router.close), deadline.left(0.5, reserve=OUTBOX_CLOSE_S)))
+
+    async def stop_uplink() -> None:   # after the devices: what they emit stays queued
+        if uplink is not None:
+            await _bounded("the uplink", asyncio.to_thread(uplink.stop, SHUTDOWN_BUDGET_S / 4),
+                           deadline.left(SHUTDOWN_BUDGET_S / 4 + 0.5, reserve=OUTBOX_CLOSE_S))
+
+    stack.push_async_callback(stop_uplink)
     # In a thread: building the families imports their drivers (pymodbus, escpos, ...),
     # which would hold the loop for most of a second.
     services = await asyncio.to_thread(build_services, cfg)
@@ -139,6 +234,9 @@ async def serve(cfg: AgentConfig) -> int:
             failed.append({"id": service.name, "type": "service", "state": "error",
                            "last_fault": f"failed to start: {type(exc).__name__}: {exc}"})
             continue
+        # Devices stop before the uplink and the outbox: a scan or reading that arrives
+        # while stopping still finds the outbox open. Each gets a slice of the budget.
+        stack.push_async_callback(_stop_service, service, deadline)
         for name, handler in service.commands().items():
             router.register(name, handler)
     started_at = time.time()
@@ -159,9 +257,21 @@ async def serve(cfg: AgentConfig) -> int:
                           header_timeout_s=cfg.api.header_timeout_s,
                           body_timeout_s=cfg.api.body_timeout_s, graceful_s=3)
     server_task = asyncio.create_task(server.serve(sockets=[listener]), name="api")
+    stack.push_async_callback(conditions.poll_within, 0.5)  # alarms raised while stopping
+
+    async def stop_server() -> None:
+        log.info("stopping: draining in-flight requests")
+        close_streams(app)  # open site pages would otherwise hold the server's graceful stop
+        server.should_exit = True
+        with contextlib.suppress(asyncio.CancelledError):
+            await _bounded("the API server", asyncio.shield(server_task),
+                           deadline.left(SHUTDOWN_BUDGET_S / 2, reserve=OUTBOX_CLOSE_S + 1.0))
+        if not server_task.done():
+            server_task.cancel()
+
+    stack.push_async_callback(stop_server)
     while not server.started:
         if server_task.done():
-            await _shutdown(outbox, uplink, router, services)
             failure = server_task.exception()
             raise AgentError(f"api: the server on {cfg.api.bind}:{cfg.api.port} did not start"
                              + (f" ({failure})" if failure else ""))
@@ -174,6 +284,9 @@ async def serve(cfg: AgentConfig) -> int:
     advertiser = Advertiser(cfg) if cfg.api.advertise else None
     if advertiser is not None:
         advertiser.start()
+        # Goodbye packets; the API drains meanwhile in the next step.
+        stack.push_async_callback(lambda: _bounded("mDNS", asyncio.to_thread(
+            advertiser.stop, 1.0), deadline.left(1.5, reserve=OUTBOX_CLOSE_S + 2.0)))
 
     watchdog = sdnotify.watchdog_interval()
     next_ping = 0.0
@@ -193,17 +306,8 @@ async def serve(cfg: AgentConfig) -> int:
                                    else min(CONDITION_POLL_S, watchdog / 4))
 
     sdnotify.notify("STOPPING=1")
-    log.info("stopping: draining in-flight requests")
-    close_streams(app)  # open site pages would otherwise hold the server's graceful stop
-    server.should_exit = True
-    if advertiser is not None:
-        await asyncio.to_thread(advertiser.stop)  # goodbye packets, while the API drains
-    with contextlib.suppress(TimeoutError, asyncio.CancelledError):
-        await asyncio.wait_for(server_task, SHUTDOWN_BUDGET_S / 2)
-    await conditions.poll()
-    await _shutdown(outbox, uplink, router, services)
-    log.info("stopped cleanly")
-    return 0
+    deadline.start()
+    return 0  # the stack stops everything on the way out (see the module docstring)
 
 
 def _listen(bind: str, port: int) -> socket.socket:
@@ -221,19 +325,57 @@ def _listen(bind: str, port: int) -> socket.socket:
     return sock
 
 
-async def _shutdown(outbox: Outbox, uplink: Uplink, router: CommandRouter,
-                    services: list[Service]) -> None:
-    # Devices first: a scan or reading that arrives while stopping still finds
-    # the outbox open. Each service gets a slice of the budget.
-    for service in reversed(services):
-        try:
-            await asyncio.wait_for(service.stop(), SHUTDOWN_BUDGET_S / 8)
-        except Exception:  # one family failing to stop must not keep the rest open
-            log.exception("stopping %s failed", service.name)
-    await asyncio.to_thread(uplink.stop, SHUTDOWN_BUDGET_S / 4)
-    await asyncio.to_thread(router.close)
-    await asyncio.to_thread(outbox.close)
+async def _stop_service(service: Service, deadline: Deadline) -> None:
+    await _bounded(service.name, service.stop(),
+                   deadline.left(SHUTDOWN_BUDGET_S / 8, reserve=OUTBOX_CLOSE_S + 1.0))
+
+
+async def _close_outbox(outbox: Outbox, deadline: Deadline) -> None:
+    # What the group commit holds is committed; the writer thread is joined within
+    # its slice (a writer stuck in an fsync on a dying card is logged, not waited for).
+    timeout = max(OUTBOX_CLOSE_S, deadline.left(OUTBOX_CLOSE_S + 1.0))
+    await _bounded("the outbox", asyncio.to_thread(outbox.close, timeout), timeout + 0.5)
+
+
+def _busy_threads(grace_s: float) -> list[str]:
+    """Non-daemon threads still running after ``grace_s`` (those the exit would wait for)."""
+    ends = time.monotonic() + grace_s
+    while True:
+        busy = [t for t in threading.enumerate()
+                if t is not threading.current_thread() and not t.daemon and t.is_alive()]
+        if not busy or time.monotonic() >= ends:
+            return [t.name for t in busy]
+        busy[0].join(max(0.0, ends - time.monotonic()))
 
 
 def run(cfg: AgentConfig) -> int:
-    return asyncio.run(serve(cfg))
+    """``serve`` on a fresh loop; exits past threads a stop step left behind.
+
+    ``asyncio.run`` would wait for every ``to_thread`` call still running and the
+    interpreter for every executor thread, without a limit: a print command
+    blocked on a dead printer would hold the exit for its whole timeout.
+    """
+    loop = asyncio.new_event_loop()
+    asyncio.set_event_loop(loop)
+    # Our own default executor, shut down without waiting below (3.11's
+    # loop.shutdown_default_executor joins its threads even when cancelled).
+    executor = ThreadPoolExecutor(thread_name_prefix="asyncio")
+    loop.set_default_executor(executor)
+    try:
+        code = loop.run_until_complete(serve(cfg))
+        tasks = asyncio.all_tasks(loop)
+        for task in tasks:
+            task.cancel()
+        loop.run_until_complete(asyncio.gather(*tasks, return_exceptions=True))
+        loop.run_until_complete(loop.shutdown_asyncgens())
+    finally:
+        executor.shutdown(wait=False, cancel_futures=True)
+        asyncio.set_event_loop(None)
+        loop.close()
+    stuck = _busy_threads(0.5)
+    if stuck:
+        log.warning("exiting with threads still busy (%s); everything accepted is on disk",
+                    ", ".join(sorted(stuck)))
+        logging.shutdown()
+        os._exit(code)
+    return code

@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
+import logging
 import os
 import queue
 import sqlite3
@@ -34,6 +35,8 @@ from agent.outbox.recovery import recover
 from agent.outbox.seqmark import SeqMarks
 from agent.outbox.store import MAX_EVENT_BYTES, SEQ_MAX, event_key, is_disk_full, seq_of
 from agent.outbox.writer import STOP, Ack, Submit, Writer
+
+log = logging.getLogger(__name__)
 
 _IDLE_STATS = {k: KindState().stats(k) for k in KINDS}
 
@@ -105,15 +108,25 @@ class Outbox:
         self._thread.start()
         return recovered.reports
 
-    def close(self) -> None:
-        """Commit what is queued, stop the writer thread and close the database."""
+    def close(self, timeout: float | None = None) -> None:
+        """Commit what is queued, stop the writer thread and close the database.
+
+        ``timeout``: how long to wait for the writer (None: as long as it takes). A
+        writer still busy after it (an fsync on a dying card) is logged and left to
+        finish on its own: what it commits is durable, what it has not was never
+        acknowledged.
+        """
         with self._lock:
             if self._closed:
                 return
             self._closed = True
         if self._thread is not None:
             self._queue.put(STOP)
-            self._thread.join()
+            self._thread.join(timeout)
+            if self._thread.is_alive():
+                log.error("outbox %s: the writer did not finish within %.1f s; exiting "
+                          "without waiting for it", self.path, timeout or 0.0)
+                return
         while True:  # anything that raced in behind the stop
             try:
                 request = self._queue.get_nowait()
@@ -126,6 +139,11 @@ class Outbox:
             self._writer.cache.close()  # this thread's connection, if it read
 
     # -- producers ----------------------------------------------------------
+
+    def writer_alive(self) -> bool:
+        """Whether the writer thread runs (``/healthz``): False once closed or crashed."""
+        thread = self._thread
+        return thread is not None and thread.is_alive() and not self._closed
 
     def submit(self, kind: str, data_json: str, source: str, idem_key: str | None = None,
                idem_digest: str | None = None) -> concurrent.futures.Future[Accepted]:
