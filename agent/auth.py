@@ -16,9 +16,11 @@ from __future__ import annotations
 import hashlib
 import hmac
 import logging
+import math
 import os
 import re
 import stat
+import string
 from dataclasses import dataclass, field
 
 from agent.errors import AgentError, ConfigError, ConfigIssue
@@ -29,9 +31,38 @@ log = logging.getLogger(__name__)
 NAME_RE = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
 # Printable ASCII without spaces: what fits in an Authorization header as-is.
 TOKEN_RE = re.compile(r"^[\x21-\x7e]+$")
-MIN_TOKEN_CHARS = 16
+# A token must carry at least 128 bits, judged from its alphabet: 32 hex digits, 22
+# base64 characters, 20 of any printable ASCII (``openssl rand -hex 24``: 192 bits).
+MIN_TOKEN_BITS = 128
+HEX_CHARS = frozenset("0123456789abcdefABCDEF")
+BASE64_CHARS = frozenset(string.ascii_letters + string.digits + "+/-_=")
+# A random token of those lengths has 8 distinct characters or more with odds better
+# than 1 in a million; fewer means a made-up one ("aaaa...", "abab...").
+MIN_DISTINCT_CHARS = 8
 # Names the CLI looks for, in order, to call the local daemon (``edge-agent status``).
 LOCAL_NAMES = ("cli", "local", "admin")
+
+
+def token_weakness(token: str) -> str | None:
+    """Why ``token`` carries less than ``MIN_TOKEN_BITS`` bits, or None when it does not."""
+    chars = set(token)
+    if chars <= HEX_CHARS:
+        alphabet, bits_per_char = "hex digits", 4.0
+    elif chars <= BASE64_CHARS:
+        alphabet, bits_per_char = "base64 characters", 6.0
+    else:
+        alphabet, bits_per_char = "printable ASCII characters", math.log2(94)
+    bits = len(token.rstrip("=")) * bits_per_char
+    if bits < MIN_TOKEN_BITS:
+        need = math.ceil(MIN_TOKEN_BITS / bits_per_char)
+        return (f"{len(token)} {alphabet} carry about {bits:.0f} bits; at least "
+                f"{MIN_TOKEN_BITS} are needed ({need} {alphabet} or more)")
+    if len(chars) < MIN_DISTINCT_CHARS:
+        return (f"only {len(chars)} distinct characters; a random token has many more")
+    for period in range(1, len(token) // 2 + 1):
+        if len(token) % period == 0 and token == token[:period] * (len(token) // period):
+            return f"it repeats a {period}-character pattern"
+    return None
 
 
 def _digest(token: str) -> bytes:
@@ -115,10 +146,10 @@ class Tokens:
                 issues.append(ConfigIssue(where, f"the token of {name!r} must be printable "
                                                  "ASCII"))
                 continue
-            if len(token) < MIN_TOKEN_CHARS:
-                issues.append(ConfigIssue(where, f"the token of {name!r} is shorter than "
-                                                 f"{MIN_TOKEN_CHARS} characters (make one with "
-                                                 "'openssl rand -hex 24')"))
+            weak = token_weakness(token)
+            if weak is not None:
+                issues.append(ConfigIssue(where, f"the token of {name!r} is too weak: {weak} "
+                                                 "(make one with 'openssl rand -hex 24')"))
                 continue
             if name in names:
                 issues.append(ConfigIssue(where, f"name {name!r} already used on line "

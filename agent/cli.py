@@ -176,6 +176,9 @@ def validated_config(path: str) -> AgentConfig:
         value = getattr(cfg.mqtt, key)
         if value and not _readable(value):
             issues.append(ConfigIssue(f"mqtt.{key}", f"cannot read {value}"))
+    from agent.config_checks import mqtt_issues
+
+    issues.extend(mqtt_issues(cfg.mqtt))
     if cfg.mqtt.hq_key_file:
         from agent.proof import KeyFileError, read_site_key
 

@@ -123,6 +123,9 @@ class MqttConfig(_Section):
     # Beyond the contract (issue 9): the site key HQ's acks and commands are proved
     # with (64 hex digits, from ``edge-agent hq site-key SITE``); empty: unchecked.
     hq_key_file: str = ""
+    # Beyond the contract (issue 10): with tls = false a password to a broker off this
+    # machine is refused unless this says the network is trusted.
+    allow_cleartext_password: bool = False
 
     @field_validator("topic_prefix")
     @classmethod

@@ -53,7 +53,7 @@ def test_keyboard_wedges_and_missing_roots(tmp_path: Path) -> None:
 def test_devices_command_prints_inventory_and_configured(tmp_path: Path) -> None:
     """`edge-agent devices --json` lists configured devices, local hardware and mDNS finds."""
     tokens = tmp_path / "tokens"
-    tokens.write_text("cli 0123456789abcdef0123\n")
+    tokens.write_text("cli 9f3a61c0d2b74e85a1f06c3b9d2e7a48\n")
     tokens.chmod(0o600)
     config = tmp_path / "agent.toml"
     write_toml(config, {"site": {"id": "co-denver-01"},

@@ -33,7 +33,14 @@ from agent.outbox.reader import OutboxReader
 from agent.outbox.records import Accepted, KindState, KindStats
 from agent.outbox.recovery import recover
 from agent.outbox.seqmark import SeqMarks
-from agent.outbox.store import MAX_EVENT_BYTES, SEQ_MAX, event_key, is_disk_full, seq_of
+from agent.outbox.store import (
+    MAX_EVENT_BYTES,
+    SEQ_MAX,
+    event_key,
+    is_disk_full,
+    seq_of,
+    sync_wal,
+)
 from agent.outbox.writer import STOP, Ack, Submit, Writer
 
 log = logging.getLogger(__name__)
@@ -137,6 +144,9 @@ class Outbox:
                     request.future.set_exception(OutboxError(f"outbox {self.path} is closed"))
         if self._writer is not None:
             self._writer.cache.close()  # this thread's connection, if it read
+            # The last connection closed deletes the WAL: make that unlink durable.
+            with contextlib.suppress(OSError):
+                sync_wal(self.path)
 
     # -- producers ----------------------------------------------------------
 

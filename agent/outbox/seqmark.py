@@ -102,6 +102,11 @@ class SeqMarks:
         with self._lock:
             self._write(self.reserved, durable=False)
 
+    def save_durably(self) -> None:
+        """Write every mark, renamed into place with the folder fsynced (a clean close)."""
+        with self._lock:
+            self._write(self.reserved, durable=True)
+
     def note_acked(self, kind: str, seq: int) -> None:
         with self._lock:
             self.acked[kind] = max(self.acked.get(kind, 0), seq)

@@ -216,3 +216,19 @@ def fsync_dir(path: str) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def sync_wal(path: str) -> None:
+    """fsync the outbox's WAL file (if any) and its folder: a truncation or an unlink
+    SQLite did is then on disk too."""
+    wal = os.path.join(path, DB_NAME + "-wal")
+    try:
+        fd = os.open(wal, os.O_RDONLY)
+    except FileNotFoundError:
+        pass
+    else:
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    fsync_dir(path)

@@ -41,6 +41,7 @@ from agent.outbox.store import (
     is_disk_full,
     kind_range,
     seq_of,
+    sync_wal,
     ts_at,
 )
 from agent.outbox.thinning import MinuteRun, scan_runs
@@ -64,6 +65,7 @@ DELETE_CHUNK = 5000
 IDLE_WAKE_S = 1.0  # the writer wakes this often when idle, for maintenance
 EXPIRE_EVERY_S = 300.0
 SEQMARK_LAZY_S = 5.0  # how often acked/published marks are saved (best effort)
+ACK_RETRY_S = 2.0  # an ack whose delete failed (a full disk) is tried again this often
 
 
 class Submit:
@@ -159,6 +161,9 @@ class Writer:
         self.stats: dict[str, KindStats] = {}
         self.full_since: float | None = None
         self.disk_full_since: float | None = None
+        # kind -> upto of acks whose delete failed: retried by the writer itself, since
+        # HQ only acks again when something new reaches it.
+        self._acks_to_retry: dict[str, int] = {}
         self._publish_stats()
 
     def ballast_released_at_open(self) -> None:
@@ -190,7 +195,7 @@ class Writer:
 
     def run(self) -> None:
         """The writer thread's loop, until a STOP is taken from the queue."""
-        last_maintenance = last_expire = last_marks = time.monotonic()
+        last_maintenance = last_expire = last_marks = last_ack_retry = time.monotonic()
         stopping = False
         while not stopping:
             try:
@@ -227,7 +232,25 @@ class Writer:
                 if save_marks:
                     last_marks = now
                 self._maintain(expire=expire, save_marks=save_marks)
+            if self._acks_to_retry and (stopping or now - last_ack_retry >= ACK_RETRY_S):
+                last_ack_retry = now
+                self._retry_acks()
         self._finish()
+
+    def _retry_acks(self) -> None:
+        due, self._acks_to_retry = self._acks_to_retry, {}
+        retries = [Ack(kind, upto, concurrent.futures.Future()) for kind, upto in due.items()]
+        try:
+            self._apply_acks(retries)
+        except Exception:  # a bug: keep them for the next round rather than lose them
+            log.exception("outbox %s: retrying acks failed", self.path)
+            for kind, upto in due.items():
+                self._acks_to_retry[kind] = max(upto, self._acks_to_retry.get(kind, 0))
+            return
+        done = [a for a in retries if a.future.done() and a.future.exception() is None]
+        for a in done:
+            log.info("outbox %s: deleted the acked %s events up to seq %d on a retry",
+                     self.path, a.kind, a.upto)
 
     def _maintain(self, *, expire: bool, save_marks: bool) -> None:
         try:
@@ -246,9 +269,10 @@ class Writer:
 
     def _finish(self) -> None:
         try:
-            # A clean close: the exact marks replace those reserved ahead.
+            # A clean close: the exact marks replace those reserved ahead, renamed
+            # into place durably (the folder fsynced too).
             self._marks.settle_published(self._published)
-            self._marks.save_lazily()
+            self._marks.save_durably()
         except OSError as exc:
             log.debug("outbox final seqmark save skipped: %s", exc)
         try:
@@ -257,6 +281,13 @@ class Writer:
         except sqlite3.Error as exc:
             log.debug("outbox final checkpoint skipped: %s", exc)
         self.cache.close()
+        # SQLite fsyncs the database after a checkpoint but not the WAL's truncation
+        # (nor the folder, when the last connection deletes the WAL): after a power cut
+        # the frames it already copied would come back. Make both durable.
+        try:
+            sync_wal(self.path)
+        except OSError as exc:
+            log.debug("outbox final WAL sync skipped: %s", exc)
 
     # -- appending -------------------------------------------------------------
 
@@ -507,6 +538,7 @@ class Writer:
             except Exception as exc:
                 self._rollback_quietly()
                 if not is_disk_full(exc, self.path):
+                    self._ack_failed(work)
                     self._fail(live, self._map_error(exc, "deleting acknowledged events"))
                     return
                 # A delete writes WAL frames too, so on a full disk the acks
@@ -519,6 +551,7 @@ class Writer:
                     deleted = self._delete(work)
                 except Exception as exc2:
                     self._rollback_quietly()
+                    self._ack_failed(work)
                     self._fail(live, self._map_error(exc2, "deleting acknowledged events"))
                     return
         for a in live:
@@ -535,6 +568,11 @@ class Writer:
             if self._restore_ballast() and free_bytes(self.path) > self._ballast.size:
                 log.info("outbox %s: disk space is back after acks", self.path)
                 self.disk_full_since = None
+
+    def _ack_failed(self, work: dict[str, int]) -> None:
+        """Keep a failed ack for :meth:`_retry_acks` (acks only move forward)."""
+        for kind, upto in work.items():
+            self._acks_to_retry[kind] = max(upto, self._acks_to_retry.get(kind, 0))
 
     def _delete(self, work: dict[str, int]) -> dict[str, int]:
         cache = self.cache
