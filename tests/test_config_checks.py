@@ -63,6 +63,7 @@ def test_a_cleartext_password_off_this_machine_is_refused() -> None:
                   allow_cleartext_password=True) == []
 
 
+@pytest.mark.e2e
 def test_check_config_exits_2_on_a_garbage_ca_file(tmp_path: Path) -> None:
     """The real `edge-agent check-config`: exit 2, the key and the file named."""
     ca = tmp_path / "ca.pem"

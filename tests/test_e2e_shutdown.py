@@ -28,7 +28,8 @@ class DeadPrinter:
         self.listener = socket.create_server(("127.0.0.1", 0))
         self.port = self.listener.getsockname()[1]
         self.conns: list[socket.socket] = []
-        threading.Thread(target=self._accept, daemon=True).start()
+        self.thread = threading.Thread(target=self._accept, daemon=True)
+        self.thread.start()
 
     def _accept(self) -> None:
         while True:
@@ -39,7 +40,11 @@ class DeadPrinter:
             self.conns.append(conn)
 
     def close(self) -> None:
+        # shutdown() wakes the thread blocked in accept(); close() alone may not.
+        with contextlib.suppress(OSError):
+            self.listener.shutdown(socket.SHUT_RDWR)
         self.listener.close()
+        self.thread.join(5)
         for conn in self.conns:
             with contextlib.suppress(OSError):
                 conn.close()
@@ -86,5 +91,7 @@ def test_sigterm_with_a_print_job_on_a_dead_printer_exits_0_within_10s(
         code = site.agent.terminate(timeout=20)
         elapsed = time.monotonic() - started
         assert code == 0 and elapsed < 10, (code, elapsed, site.agent.log_tail())
+        poster.join(10)   # the agent is gone: the request ends with an error
+        assert not poster.is_alive()
     finally:
         site.stop()

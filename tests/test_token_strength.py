@@ -44,6 +44,7 @@ def test_weak_tokens_are_refused(token: str, why: str) -> None:
     assert token not in str(err.value)
 
 
+@pytest.mark.e2e
 def test_check_config_names_the_weak_token(tmp_path: Path) -> None:
     """The real `edge-agent check-config`: exit 2 naming the file's key, line and caller."""
     tokens = tmp_path / "tokens"
