@@ -60,8 +60,8 @@ from agent.config import KINDS, AgentConfig
 from agent.errors import OutboxError
 from agent.uplink.ledger import PRIORITY, DeliveryLedger, SentEvent
 from agent.uplink.protocol import (
-    MAX_DOWNLINK_BYTES,
     CAUSES,
+    MAX_DOWNLINK_BYTES,
     AckMessage,
     TlsSetupError,
     connect_error_cause,
