@@ -683,7 +683,7 @@ def create_app(ctx: ApiContext) -> FastAPI:
         return JSONResponse(app.openapi())
 
     @app.post("/v1/events/{kind}", status_code=202, response_model=EventAccepted,
-              responses=_errors(400, 401, 404, 413, 415, 422, 503, 507),
+              responses=_errors(400, 401, 403, 404, 413, 415, 422, 503, 507),
               summary="Validate an event, commit it durably, then answer 202",
               openapi_extra={"parameters": [
                   {"name": "Idempotency-Key", "in": "header", "required": False,

@@ -199,3 +199,9 @@ def test_the_real_agent_refuses_foreign_hosts_and_keeps_its_files_private(
     finally:
         site.stop()
         os.umask(old)
+
+
+def test_openapi_documents_the_new_refusals(api: App) -> None:
+    """The events route documents its 403 (agent-only kinds) in the OpenAPI document."""
+    doc = api.client.get("/openapi.json", headers=AUTH).json()
+    assert "403" in doc["paths"]["/v1/events/{kind}"]["post"]["responses"]
