@@ -15,10 +15,14 @@ import threading
 import time
 import urllib.error
 import urllib.request
+from pathlib import Path
 from typing import Any
 
 from agent import __version__
 from agent.config import (
+    CONFIG_ENV,
+    DEFAULT_CONFIG_PATH,
+    DEFAULT_HQ_CONFIG_PATH,
     AgentConfig,
     HqReceiverConfig,
     config_path,
@@ -26,8 +30,11 @@ from agent.config import (
     load_hq_config,
 )
 from agent.errors import AgentError, ConfigError
+from agent.install import Resolve, under
 
 EXIT_OK, EXIT_DEGRADED, EXIT_CONFIG, EXIT_UNREACHABLE = 0, 1, 2, 3
+# --root's default: an image build (or the README test) sets it once for every command.
+ROOT_ENV = "EDGE_AGENT_ROOT"
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -40,8 +47,31 @@ def _parser() -> argparse.ArgumentParser:
                         choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
+    # --root DIR: the box's files under DIR (an image being built, a test), as
+    # `systemctl --root` has it; paths inside the files stay the box's own.
+    rooted = argparse.ArgumentParser(add_help=False)
+    rooted.add_argument("--root", default=os.environ.get(ROOT_ENV, ""), metavar="DIR",
+                        help="read (and write) the box's files under DIR (default: "
+                             f"${ROOT_ENV}, else /); the default --config is then DIR/etc/...")
+
     sub.add_parser("run", parents=[common], help="run the daemon in the foreground")
-    sub.add_parser("check-config", parents=[common], help="validate the config and exit")
+    sub.add_parser("check-config", parents=[common, rooted],
+                   help="validate the config (a site's or HQ's) and exit")
+    install = sub.add_parser("install", parents=[common, rooted],
+                             help="lay out /etc/edge-agent, the unit, udev rules and sysusers, "
+                                  "then check the config")
+    install.add_argument("--dry-run", action="store_true",
+                         help="write nothing; show what would be written and check it")
+    install.add_argument("--bundle", metavar="DIR",
+                         help="the site's bundle from 'edge-agent hq pki issue SITE' "
+                              "(certificate, key, CA, proof key, broker address)")
+    install.add_argument("--site", help="site.id (default: the bundle's)")
+    install.add_argument("--name", help="site.name (default: the bundle's)")
+    install.add_argument("--timezone", help="site.timezone, an IANA name (default: the bundle's)")
+    install.add_argument("--broker", action="append", metavar="HOST",
+                         help="an mqtt.hosts entry (repeat for failover; default: the bundle's)")
+    install.add_argument("--force", action="store_true",
+                         help="overwrite the config, tokens and keys too (never the default)")
     status = sub.add_parser("status", parents=[common], help="ask the running daemon")
     status.add_argument("--json", action="store_true", help="print the raw status JSON")
 
@@ -98,6 +128,35 @@ def _parser() -> argparse.ArgumentParser:
     mretry.add_argument("--failed", action="store_true", help="with --site: every failed one")
     mretry.add_argument("--wait", type=float, default=0.0, metavar="SECONDS",
                         help="wait this long for the outcome (exit 0 only if all reported)")
+    hsub.add_parser("check-config", parents=[common, rooted],
+                    help="validate the HQ config and exit")
+    hinstall = hsub.add_parser("install", parents=[common, rooted],
+                               help="lay out /etc/edge-agent-hq (config, tokens, master key, "
+                                    "CA and certificates), the unit, then check the config")
+    hinstall.add_argument("--dry-run", action="store_true",
+                          help="write nothing; show what would be written and check it")
+    hinstall.add_argument("--broker", action="append", metavar="HOST",
+                          help="the broker's host name (repeat for a cluster); also the "
+                               "broker certificate's names")
+    hinstall.add_argument("--port", type=int, help="mqtt.port (default 8883)")
+    hinstall.add_argument("--force", action="store_true",
+                          help="overwrite the config, tokens and keys too (never the default)")
+    pki = hsub.add_parser("pki", help="HQ's certificate authority for the broker, HQ and sites")
+    psub = pki.add_subparsers(dest="pki_action", required=True, metavar="ACTION")
+    pinit = psub.add_parser("init", parents=[common, rooted],
+                            help="make the CA (pki/ beside the HQ config), HQ's client "
+                                 "certificate and the broker's server certificate")
+    pinit.add_argument("--broker", action="append", metavar="HOST",
+                       help="a name the broker is reached by (default: mqtt.hosts)")
+    pinit.add_argument("--days", type=int, help="the CA's lifetime (default 3650)")
+    pissue = psub.add_parser("issue", parents=[common, rooted],
+                             help="a site's bundle: certificate and key, CA, proof key, "
+                                  "broker ACL lines")
+    pissue.add_argument("site", metavar="SITE", help="the site id (the certificate's CN)")
+    pissue.add_argument("--out", "-o", metavar="DIR", help="bundle directory (default ./SITE)")
+    pissue.add_argument("--broker", action="append", metavar="HOST",
+                        help="the broker address the site uses (default: HQ's mqtt.hosts)")
+    pissue.add_argument("--days", type=int, help="the certificate's lifetime (default 825)")
 
     preview = sub.add_parser("print-preview", parents=[common],
                              help="render a receipt or label to a PNG file, printing nothing")
@@ -120,10 +179,15 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     logging.basicConfig(level=getattr(args, "log_level", "INFO"), stream=sys.stderr,
                         format="%(levelname)s %(name)s: %(message)s")
-    path = config_path(getattr(args, "config", None))
+    default = DEFAULT_HQ_CONFIG_PATH if args.command == "hq" else DEFAULT_CONFIG_PATH
+    root = getattr(args, "root", "") or ""
+    explicit = getattr(args, "config", None) or os.environ.get(CONFIG_ENV)
+    path = explicit or (under(root, default) if root else config_path(None, default))
     try:
         if args.command == "check-config":
-            return _check_config(path)
+            return _check_config(path, root)
+        if args.command == "install":
+            return _install(args, root)
         if args.command == "run":
             from agent.daemon import run
 
@@ -152,17 +216,19 @@ def main(argv: list[str] | None = None) -> int:
     return EXIT_CONFIG
 
 
-def validated_config(path: str) -> AgentConfig:
+def validated_config(path: str, resolve: Resolve | None = None) -> AgentConfig:
     """Load ``path`` and check everything ``run`` depends on, as one list of issues.
 
     ``check-config`` and ``run`` share it, so the daemon refuses to start on
-    exactly the messages ``check-config`` prints (exit 2 either way).
+    exactly the messages ``check-config`` prints (exit 2 either way). With
+    ``resolve`` (``--root``), the files the config names are read where it says.
     """
     from agent.auth import Tokens
     from agent.errors import ConfigIssue
+    from agent.install import rooted
     from agent.services import config_issues
 
-    cfg = load_agent_config(path)
+    cfg = load_agent_config(path, rooted(resolve) if resolve else None)
     issues: list[ConfigIssue] = []
     try:
         Tokens.load(cfg.api.tokens_file)
@@ -191,10 +257,85 @@ def validated_config(path: str) -> AgentConfig:
     return cfg
 
 
-def _check_config(path: str) -> int:
-    cfg = validated_config(path)
-    print(f"{path}: valid (site {cfg.site.id}, {len(cfg.devices)} devices)")
+def validated_hq_config(path: str, resolve: Resolve | None = None) -> HqReceiverConfig:
+    """Load an HQ config and check the files the receiver reads, as one list of issues."""
+    from agent.auth import Tokens
+    from agent.errors import ConfigIssue
+    from agent.install import rooted
+    from agent.proof import KeyFileError, read_master_key
+
+    cfg = load_hq_config(path, rooted(resolve) if resolve else None)
+    issues: list[ConfigIssue] = []
+    for key in ("ca_file", "cert_file", "key_file", "password_file"):
+        value = getattr(cfg.mqtt, key)
+        if value and not _readable(value):
+            hint = " (edge-agent hq pki init makes it)" if key != "password_file" else ""
+            issues.append(ConfigIssue(f"mqtt.{key}", f"cannot read {value}{hint}"))
+    if cfg.hq.master_key_file:
+        try:
+            read_master_key(cfg.hq.master_key_file)
+        except KeyFileError as exc:
+            issues.append(ConfigIssue("hq.master_key_file", str(exc).split(": ", 1)[1]))
+    if cfg.hq.http_port:
+        try:
+            Tokens.load(cfg.hq.tokens_file)
+        except ConfigError as exc:
+            issues.extend(ConfigIssue(f"hq.tokens_file{'.' + i.path if i.path else ''}",
+                                      i.message) for i in exc.issues)
+    if issues:
+        raise ConfigError(path, issues)
+    return cfg
+
+
+def _is_hq_file(path: str) -> bool:
+    """A file with ``[hq]`` and no ``[site]`` is an HQ receiver's config."""
+    import tomllib
+
+    try:
+        with open(path, "rb") as fh:
+            data = tomllib.load(fh)
+    except (OSError, tomllib.TOMLDecodeError):
+        return False   # load_*_config reports it
+    return "site" not in data and "hq" in data
+
+
+def site_summary(path: str, resolve: Resolve | None = None) -> str:
+    cfg = validated_config(path, resolve)
+    return f"valid (site {cfg.site.id}, {len(cfg.devices)} devices)"
+
+
+def hq_summary(path: str, resolve: Resolve | None = None) -> str:
+    cfg = validated_hq_config(path, resolve)
+    store = cfg.hq.store.split(":", 1)[0]
+    return f"valid (HQ receiver, {store} store, {len(cfg.hq.sites)} registered sites)"
+
+
+def _check_config(path: str, root: str = "", hq: bool | None = None) -> int:
+    from agent.install import resolver
+
+    resolve = resolver(root) if root else None
+    summary = hq_summary if (_is_hq_file(path) if hq is None else hq) else site_summary
+    print(f"{path}: {summary(path, resolve)}")
     return EXIT_OK
+
+
+def _install(args: argparse.Namespace, root: str) -> int:
+    from agent import install
+
+    bundle = install.Bundle.read(args.bundle) if args.bundle else None
+    plan = install.site_plan(site=args.site, name=args.name, timezone=args.timezone,
+                             hosts=args.broker, bundle=bundle,
+                             exec_path=install.console_script(root))
+    after = [] if bundle else ["get this site's bundle at HQ: edge-agent hq pki issue SITE; "
+                               "then: edge-agent install --bundle DIR"]
+    if not root or root == "/":
+        after += ["udevadm control --reload && udevadm trigger",
+                  "systemctl restart systemd-modules-load",
+                  "systemctl daemon-reload && systemctl enable --now edge-agent",
+                  "edge-agent status"]
+    return install.run_install(plan, root=root, dry_run=args.dry_run,
+                               config=install.SITE_CONFIG, check=site_summary,
+                               title="edge-agent install", after=after, force=args.force)
 
 
 def _readable(path: str) -> bool:
@@ -291,6 +432,13 @@ def _outbox(cfg: AgentConfig, args: argparse.Namespace) -> int:
 
 
 def _hq(path: str, args: argparse.Namespace) -> int:
+    root = getattr(args, "root", "") or ""
+    if args.action == "check-config":
+        return _check_config(path, root, hq=True)
+    if args.action == "install":
+        return _hq_install(args, root)
+    if args.action == "pki":
+        return _pki(path, args, root)
     cfg = load_hq_config(path)
     if args.action == "report":
         from agent.hq.report import report_main
@@ -375,6 +523,95 @@ def _start_metrc(cfg: HqReceiverConfig, metrics: Any) -> Any:
         return None
     forwarder.start()
     return forwarder
+
+
+def _hq_install(args: argparse.Namespace, root: str) -> int:
+    import datetime as dt
+
+    from agent import install
+
+    plan = install.hq_plan(hosts=args.broker, port=args.port,
+                           exec_path=install.console_script(root))
+    hosts = args.broker or ["hq-broker.example.com"]
+    pki_dir = install.pki_dir_for(install.HQ_CONFIG)
+    if os.path.exists(under(root, f"{pki_dir}/ca.key")):
+        print(f"  (the CA in {pki_dir} exists: kept, with the certificates it signed)")
+    else:
+        # The example config's [mqtt] files: HQ's client certificate and the CA.
+        plan += install.pki_init_plan(pki_dir, {"ca_file": "/etc/edge-agent-hq/ca.pem",
+                                                "cert_file": "/etc/edge-agent-hq/hq.pem",
+                                                "key_file": "/etc/edge-agent-hq/hq.key"},
+                                      hosts, dt.datetime.now(dt.UTC))
+    after = [f"the broker: {pki_dir}/broker/ (ca.pem, server.pem, server.key) and "
+             f"{install.SHARE}/mosquitto/ to /etc/mosquitto/ (see README: The broker)",
+             "each site: edge-agent hq pki issue SITE, then on its box: "
+             "edge-agent install --bundle SITE/"]
+    if not root or root == "/":
+        after += ["systemctl daemon-reload && systemctl enable --now edge-agent-hq"]
+    return install.run_install(plan, root=root, dry_run=args.dry_run, config=install.HQ_CONFIG,
+                               check=hq_summary, title="edge-agent hq install", after=after,
+                               force=args.force)
+
+
+def _pki(path: str, args: argparse.Namespace, root: str) -> int:
+    import datetime as dt
+
+    from agent import install
+    from agent.config import SITE_ID_RE
+    from agent.hq import pki
+    from agent.proof import derive_site_key, read_master_key
+
+    resolve = install.resolver(root)
+    cfg = load_hq_config(path)
+    pki_dir = install.pki_dir_for(path)
+    now = dt.datetime.now(dt.UTC)
+    if args.pki_action == "init":
+        if os.path.exists(os.path.join(pki_dir, "ca.key")):
+            print(f"edge-agent: {pki_dir}/ca.key exists: the fleet has its CA (a new one would "
+                  "orphan every site's certificate)", file=sys.stderr)
+            return EXIT_CONFIG
+        files = {k: getattr(cfg.mqtt, k) for k in ("ca_file", "cert_file", "key_file")}
+        plan = install.pki_init_plan(install.box_path(pki_dir, root), files,
+                                     args.broker or cfg.mqtt.hosts, now, days=args.days)
+        outcome = install.write_plan(plan, root, dry_run=False)
+        print("\n".join(outcome.lines + [f"  next: {s}" for s in outcome.next_steps]))
+        return EXIT_OK
+    site = args.site
+    if not SITE_ID_RE.match(site) or site == pki.HQ_CN:
+        print(f"edge-agent: SITE: {site[:64]!r} is not a site id ([a-z0-9-]{{1,64}}, not "
+              f"{pki.HQ_CN!r})", file=sys.stderr)
+        return EXIT_CONFIG
+    try:
+        ca = pki.KeyPair(Path(pki_dir, "ca.pem").read_bytes(),
+                         Path(pki_dir, "ca.key").read_bytes())
+    except OSError as exc:
+        print(f"edge-agent: cannot read the CA in {pki_dir} ({exc.strerror}); make it with "
+              "'edge-agent hq pki init'", file=sys.stderr)
+        return EXIT_CONFIG
+    key = None
+    if cfg.hq.master_key_file:
+        key = derive_site_key(read_master_key(resolve(cfg.hq.master_key_file)), site)
+    else:
+        print("edge-agent: hq.master_key_file is not set: the bundle has no hq-proof.key, and "
+              "the site will take acks and commands unproven", file=sys.stderr)
+    registered = {s.id: s for s in cfg.hq.sites}.get(site)
+    meta = {"site": site, "name": registered.name if registered else "",
+            "timezone": registered.timezone if registered else "UTC",
+            "hosts": args.broker or list(cfg.mqtt.hosts), "port": cfg.mqtt.port,
+            "topic_prefix": cfg.mqtt.topic_prefix}
+    acl = pki.site_acl(site, cfg.mqtt.topic_prefix,
+                       install.data_text("config/mosquitto/edge-agent.acl"))
+    out = os.path.abspath(args.out or site)
+    plan = install.bundle_plan(out, site=site, ca=ca, now=now, proof_key=key, meta=meta,
+                               acl=acl, days=args.days)
+    os.makedirs(out, mode=0o700, exist_ok=True)
+    outcome = install.write_plan(plan, "", dry_run=False)
+    print("\n".join(outcome.lines))
+    print(f"broker ACL lines for {site} (the shipped edge-agent.acl's patterns already grant "
+          "them):")
+    print("\n".join(f"  {line}" for line in acl))
+    print(f"on the box: edge-agent install --bundle {out}")
+    return EXIT_OK
 
 
 def _site_key(cfg: HqReceiverConfig, site: str) -> int:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import re
 import tomllib
+from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any, Literal, TypeVar
 
@@ -30,6 +31,8 @@ from agent.errors import ConfigError, ConfigIssue
 from agent.hq.metrc.config import MetrcConfig
 
 DEFAULT_CONFIG_PATH = "/etc/edge-agent/agent.toml"
+# Where `edge-agent hq install` puts the HQ config and the HQ unit reads it.
+DEFAULT_HQ_CONFIG_PATH = "/etc/edge-agent-hq/hq.toml"
 CONFIG_ENV = "EDGE_AGENT_CONFIG"
 ENV_PREFIX = "EDGE_AGENT__"
 
@@ -369,9 +372,9 @@ class HqReceiverConfig(_Settings):
 _S = TypeVar("_S", bound=_Settings)
 
 
-def config_path(explicit: str | None) -> str:
-    """``--config``, else ``$EDGE_AGENT_CONFIG``, else the system path."""
-    return explicit or os.environ.get(CONFIG_ENV) or DEFAULT_CONFIG_PATH
+def config_path(explicit: str | None, default: str = DEFAULT_CONFIG_PATH) -> str:
+    """``--config``, else ``$EDGE_AGENT_CONFIG``, else the system path (``default``)."""
+    return explicit or os.environ.get(CONFIG_ENV) or default
 
 
 def _read_toml(path: str) -> dict[str, Any]:
@@ -401,18 +404,27 @@ def _issues(exc: ValidationError) -> list[ConfigIssue]:
     return issues
 
 
-def load_config(path: str, cls: type[_S]) -> _S:
-    """Read and validate ``path``; raise :class:`ConfigError` listing every problem."""
+def load_config(path: str, cls: type[_S],
+                transform: Callable[[dict[str, Any]], dict[str, Any]] | None = None) -> _S:
+    """Read and validate ``path``; raise :class:`ConfigError` listing every problem.
+
+    ``transform`` rewrites the file's data first (``--root``: paths read under a root)."""
     data = _read_toml(path)
+    if transform is not None:
+        data = transform(data)
     try:
         return cls(**data)
     except ValidationError as exc:
         raise ConfigError(path, _issues(exc)) from None
 
 
-def load_agent_config(path: str) -> AgentConfig:
-    return load_config(path, AgentConfig)
+def load_agent_config(path: str,
+                      transform: Callable[[dict[str, Any]], dict[str, Any]] | None = None,
+                      ) -> AgentConfig:
+    return load_config(path, AgentConfig, transform)
 
 
-def load_hq_config(path: str) -> HqReceiverConfig:
-    return load_config(path, HqReceiverConfig)
+def load_hq_config(path: str,
+                   transform: Callable[[dict[str, Any]], dict[str, Any]] | None = None,
+                   ) -> HqReceiverConfig:
+    return load_config(path, HqReceiverConfig, transform)
