@@ -20,6 +20,7 @@ from agent.install import comment_from, set_toml, site_plan
 from agent.localsite import edge_agent_argv
 
 SITE = "co-denver-01"
+pytestmark = pytest.mark.e2e   # the real edge-agent console script does the installing
 
 
 def cli(*args: str, cwd: Path | None = None,
