@@ -34,8 +34,10 @@ def shipped_conf(tls: TlsFiles, port: int, acl: Path) -> str:
     for name, path in (("ca.pem", tls.ca), ("server.pem", tls.server_cert),
                        ("server.key", tls.server_key), ("edge-agent.acl", str(acl))):
         text = text.replace(f"/etc/mosquitto/edge-agent/{name}", path)
+    text = text.replace("persistence_location /var/lib/mosquitto/",
+                        f"persistence_location {acl.parent}/")
     settings = [line for line in text.splitlines() if line and not line.startswith("#")]
-    assert not [line for line in settings if "/etc/" in line]
+    assert not [line for line in settings if "/etc/" in line or "/var/" in line]
     return text
 
 
