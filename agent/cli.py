@@ -175,7 +175,26 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+# The exit status of a Unix tool killed by SIGPIPE (128 + 13), what `| head` expects.
+EXIT_BROKEN_PIPE = 141
+
+
 def main(argv: list[str] | None = None) -> int:
+    """The command line; a reader that goes away (``edge-agent hq report --json | head``)
+    ends it quietly, as SIGPIPE ends a C tool, instead of with a traceback."""
+    try:
+        code = _main(argv)
+        sys.stdout.flush()   # inside the try: the last buffered line may be the one refused
+        return code
+    except BrokenPipeError:
+        # Python ignores SIGPIPE, so the write raised instead; point stdout at /dev/null so
+        # the interpreter's own flush at exit does not raise again.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return EXIT_BROKEN_PIPE
+
+
+def _main(argv: list[str] | None) -> int:
     args = _parser().parse_args(argv)
     logging.basicConfig(level=getattr(args, "log_level", "INFO"), stream=sys.stderr,
                         format="%(levelname)s %(name)s: %(message)s")
@@ -375,20 +394,34 @@ def format_status(status: dict[str, Any]) -> str:
         *(f"  ! {reason}" for reason in status.get("reasons", [])),
         f"uplink  {up.get('state')}  host {up.get('host') or '-'}  acks {up.get('acks', 0)}  "
         f"resends {up.get('resends', 0)}  reconnects {up.get('reconnects', 0)}",
-        f"outbox  {box.get('state')}  {box.get('bytes', 0)} of {box.get('max_bytes', 0)} bytes",
-        f"  {'kind':<8} {'depth':>8} {'bytes':>12} {'oldest':>10} {'seq range':>20}",
+        f"outbox  {box.get('state')}  {human_bytes(box.get('bytes', 0))} of "
+        f"{human_bytes(box.get('max_bytes', 0))}",
+        f"  {'kind':<8} {'depth':>8} {'size':>10} {'oldest':>10} {'pending seqs':>22}",
     ]
     for kind, k in (box.get("kinds") or {}).items():
         age = k.get("oldest_age_s")
-        seqs = f"{k.get('first_seq') or '-'}..{k.get('last_seq') or 0}"
-        lines.append(f"  {kind:<8} {k.get('depth', 0):>8} {k.get('bytes', 0):>12} "
-                     f"{_age(age):>10} {seqs:>20}")
+        last = k.get("last_seq") or 0
+        # An empty queue has no range: say so, with the last seq it had.
+        seqs = (f"{k.get('first_seq')}..{last}" if k.get("depth") and k.get("first_seq")
+                else f"none (last {last})" if last else "none")
+        lines.append(f"  {kind:<8} {k.get('depth', 0):>8} {human_bytes(k.get('bytes', 0)):>10} "
+                     f"{_age(age):>10} {seqs:>22}")
     devices = status.get("devices") or []
     lines.append(f"devices {len(devices)}")
     for device in devices:
         lines.append(f"  {device.get('id'):<24} {device.get('type', ''):<16} "
                      f"{device.get('state')}  {device.get('last_fault') or ''}")
     return "\n".join(lines)
+
+
+def human_bytes(n: int | float | None) -> str:
+    """``n`` bytes in binary units for people: ``575 B``, ``1.5 MiB``, ``1.0 GiB``."""
+    value = float(n or 0)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if value < 1024 or unit == "TiB":
+            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    raise AssertionError("unreachable")
 
 
 def _age(seconds: float | None) -> str:

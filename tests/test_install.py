@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from agent.auth import Tokens
+from agent.hq.store import open_store
 from agent.install import comment_from, set_toml, site_plan
 from agent.localsite import edge_agent_argv
 
@@ -257,3 +258,41 @@ def test_site_plan_without_bundle_has_no_certificates() -> None:
     paths = {p.path for p in site_plan(site=SITE)}
     assert "/etc/edge-agent/site.key" not in paths
     assert "/etc/edge-agent/agent.toml" in paths
+
+
+def test_a_reader_that_goes_away_ends_the_command_quietly(tmp_path: Path) -> None:
+    """`edge-agent hq report --json | head` with head gone: exit 141 (as SIGPIPE), no
+    BrokenPipeError traceback on stderr."""
+    conf = tmp_path / "hq.toml"
+    conf.write_text(f'[hq]\nstore = "sqlite:///{tmp_path}/hq.db"\nhttp_port = 0\n')
+    open_store(f"sqlite:///{tmp_path}/hq.db").close()
+    read_end, write_end = os.pipe()
+    os.close(read_end)   # the reader is gone before the first byte
+    try:
+        clean = {k: v for k, v in os.environ.items() if not k.startswith("EDGE_AGENT")}
+        done = subprocess.run([*edge_agent_argv(), "hq", "report", "--json", "--config",
+                               str(conf)], stdout=write_end, stderr=subprocess.PIPE,
+                              text=True, timeout=60, env=clean)
+    finally:
+        os.close(write_end)
+    assert "Traceback" not in done.stderr and "BrokenPipe" not in done.stderr, done.stderr
+    assert done.returncode == 141
+
+
+def test_status_prints_sizes_in_units_and_an_empty_queue_as_none() -> None:
+    """`edge-agent status` says "575 B of 1.0 GiB", and an empty kind "none (last 23)", not
+    raw byte counts and "-..23"."""
+    from agent.cli import format_status, human_bytes
+
+    text = format_status({
+        "site": SITE, "version": "0.1.0", "state": "healthy", "uplink": {"state": "connected"},
+        "outbox": {"state": "ok", "bytes": 575, "max_bytes": 1 << 30, "kinds": {
+            "sale": {"depth": 0, "bytes": 0, "oldest_age_s": None, "first_seq": None,
+                     "last_seq": 23},
+            "scan": {"depth": 2, "bytes": 1536, "oldest_age_s": 3.0, "first_seq": 7,
+                     "last_seq": 8}}},
+        "devices": []})
+    assert "575 B of 1.0 GiB" in text
+    assert "none (last 23)" in text and "-..23" not in text
+    assert "7..8" in text and "1.5 KiB" in text
+    assert human_bytes(5 * (1 << 40)) == "5.0 TiB"
