@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import itertools
+import shlex
 import shutil
 import sys
 import time
@@ -17,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from agent.hqcommand import send_command
-from agent.localsite import LocalSite, sample_sale
+from agent.localsite import LocalSite, edge_agent_argv, sample_sale
 from drivers.scanner import SIM_KNOWN_TAGS
 
 
@@ -46,8 +47,8 @@ def main(argv: list[str] | None = None) -> int:
                  {"tags": list(SIM_KNOWN_TAGS), "replace": True}, command_id="demo-catalog-seed")
     print(f"  broker      mqtt://127.0.0.1:{site.broker.port} (private, stopped on exit)")
     print(f"  site page   {site.api_url}/   (token: {site.token})")
-    print(f"  status      edge-agent status --config {site.agent_config}")
-    print(f"  HQ report   edge-agent hq report --config {site.hq_config}")
+    for label, command in demo_commands(site.agent_config, site.hq_config):
+        print(f"  {label:<11} {command}")
     print(f"  prints      {workdir / 'prints'} (ESC/POS and ZPL bytes, PNG previews)")
     print("posting sample sales as POS 'cli'; Ctrl-C to stop\n")
     started = time.monotonic()
@@ -85,6 +86,14 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     finally:
         site.stop()
+
+
+def demo_commands(agent_config: Path, hq_config: Path) -> list[tuple[str, str]]:
+    """The commands the demo prints, ready to paste into another shell: this checkout's
+    ``edge-agent`` by its full path (it lives in .venv/bin, rarely on PATH), quoted."""
+    argv = edge_agent_argv()
+    return [("status", shlex.join([*argv, "status", "--config", str(agent_config)])),
+            ("HQ report", shlex.join([*argv, "hq", "report", "--config", str(hq_config)]))]
 
 
 WARNING_RECEIPT = ("There may be health risks associated with the consumption of this product. "

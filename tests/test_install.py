@@ -296,3 +296,16 @@ def test_status_prints_sizes_in_units_and_an_empty_queue_as_none() -> None:
     assert "none (last 23)" in text and "-..23" not in text
     assert "7..8" in text and "1.5 KiB" in text
     assert human_bytes(5 * (1 << 40)) == "5.0 TiB"
+
+
+def test_the_demos_printed_commands_paste_and_run(tmp_path: Path) -> None:
+    """Each command the demo prints runs as pasted into a shell (no 'command not found'):
+    given configs that do not exist, edge-agent itself answers, naming the file."""
+    from agent.demo import demo_commands
+
+    missing = tmp_path / "dir with space"
+    for _, command in demo_commands(missing / "agent.toml", missing / "hq.toml"):
+        done = subprocess.run(["bash", "-c", command], capture_output=True, text=True,
+                              timeout=60, cwd="/", env={"PATH": "/usr/bin:/bin"})
+        assert done.returncode == 2, (command, done.stderr)
+        assert f"file not found: {missing}" in done.stderr
