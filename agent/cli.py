@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import os
 import sys
 import threading
@@ -196,8 +195,9 @@ def main(argv: list[str] | None = None) -> int:
 
 def _main(argv: list[str] | None) -> int:
     args = _parser().parse_args(argv)
-    logging.basicConfig(level=getattr(args, "log_level", "INFO"), stream=sys.stderr,
-                        format="%(levelname)s %(name)s: %(message)s")
+    from agent import logs
+
+    logs.setup(getattr(args, "log_level", "INFO"))
     default = DEFAULT_HQ_CONFIG_PATH if args.command == "hq" else DEFAULT_CONFIG_PATH
     root = getattr(args, "root", "") or ""
     explicit = getattr(args, "config", None) or os.environ.get(CONFIG_ENV)
@@ -213,7 +213,9 @@ def _main(argv: list[str] | None) -> int:
             # State files (outbox, journals, sessions, print jobs) are for the service
             # user only, also outside the unit (which sets UMask=0077 itself).
             os.umask(0o077)
-            return run(validated_config(path))
+            cfg = validated_config(path)
+            logs.setup(args.log_level, cfg.log.format)
+            return run(cfg)
         if args.command == "status":
             return _status(load_agent_config(path), args.json)
         if args.command == "outbox":
@@ -496,7 +498,9 @@ def _hq(path: str, args: argparse.Namespace) -> int:
         return retry_main(cfg, args.event, args.site, args.failed, args.wait)
     import signal
 
-    from agent import sdnotify
+    from agent import logs, sdnotify
+
+    logs.setup(args.log_level, cfg.log.format)
     from agent.hq.metrics import HqMetrics
     from agent.hq.receiver import HqReceiver
     from agent.hq.web import start_web

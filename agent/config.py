@@ -178,6 +178,13 @@ class OutboxConfig(_Section):
     ballast_bytes: Annotated[int, AfterValidator(lambda v: _range(v, 0, 1 << 30))] = 1 << 20
 
 
+class LogConfig(_Section):
+    """``[log]``: ``format = "text"`` (timestamps unless under journald) or ``"json"``
+    (one object per line); agent/logs.py."""
+
+    format: Literal["text", "json"] = "text"
+
+
 class ComplianceConfig(_Section):
     report_within_h: PositiveFloat = 24.0
     # Beyond the contract (issue 13): a state's own deadline, by two-letter code
@@ -325,6 +332,7 @@ class AgentConfig(_Settings):
     outbox: OutboxConfig = Field(default_factory=OutboxConfig)
     compliance: ComplianceConfig = Field(default_factory=ComplianceConfig)
     api: ApiConfig = Field(default_factory=ApiConfig)
+    log: LogConfig = Field(default_factory=LogConfig)
     devices: list[DeviceConfig] = Field(default_factory=list)
     # Grow rooms and their stage bands; validated by agent/climate.py (issue 5).
     rooms: list[dict[str, Any]] = Field(default_factory=list)
@@ -362,6 +370,7 @@ class HqReceiverConfig(_Settings):
     compliance: ComplianceConfig = Field(default_factory=ComplianceConfig)
     # CONTRACT 9: the Metrc forwarder (agent/hq/metrc/config.py has the keys).
     metrc: MetrcConfig = Field(default_factory=MetrcConfig)
+    log: LogConfig = Field(default_factory=LogConfig)
 
     @property
     def client_id(self) -> str:
