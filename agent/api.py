@@ -322,6 +322,7 @@ class RequestAccounting:
             return
         route = "unmatched"
         status = 0
+        started = time.perf_counter()
 
         async def counting_send(message: Message) -> None:
             nonlocal status
@@ -349,6 +350,7 @@ class RequestAccounting:
         finally:
             route = self._route(scope)
             self.metrics.http_requests.labels(route, str(status or 499)).inc()
+            self.metrics.http_duration.labels(route).observe(time.perf_counter() - started)
 
 
 # -- request parsing -----------------------------------------------------------------------

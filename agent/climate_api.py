@@ -138,13 +138,15 @@ def climate_router(svc: ClimateService) -> APIRouter:
 
 # Reading key -> (metric name, help). Values of the newest *valid* reading only: a
 # spike must not draw a line on a dashboard; edge_sensor_valid says why it is absent.
+# reading key -> (metric, help, scale to the Prometheus base unit): pascals, not kPa, and
+# relative humidity as a 0-1 ratio (the API and the events keep kPa and percent).
 GAUGES = {
-    "temperature_c": ("edge_sensor_temperature_celsius", "Air temperature"),
-    "rh_pct": ("edge_sensor_relative_humidity_percent", "Relative humidity"),
-    "co2_ppm": ("edge_sensor_co2_ppm", "CO2 concentration"),
-    "vpd_kpa": ("edge_sensor_vpd_kpa", "Air vapour pressure deficit"),
-    "leaf_vpd_kpa": ("edge_sensor_leaf_vpd_kpa", "Leaf vapour pressure deficit"),
-    "dew_point_c": ("edge_sensor_dew_point_celsius", "Dew point"),
+    "temperature_c": ("edge_sensor_temperature_celsius", "Air temperature", 1.0),
+    "rh_pct": ("edge_sensor_relative_humidity_ratio", "Relative humidity (0-1)", 0.01),
+    "co2_ppm": ("edge_sensor_co2_ppm", "CO2 concentration (parts per million)", 1.0),
+    "vpd_kpa": ("edge_sensor_vpd_pascals", "Air vapour pressure deficit", 1000.0),
+    "leaf_vpd_kpa": ("edge_sensor_leaf_vpd_pascals", "Leaf vapour pressure deficit", 1000.0),
+    "dew_point_c": ("edge_sensor_dew_point_celsius", "Dew point", 1.0),
 }
 
 
@@ -165,7 +167,7 @@ class ClimateCollector(Collector):
         now = svc.clock()
         labels = ["device", "room"]
         gauges = {key: GaugeMetricFamily(name, text, labels=labels)
-                  for key, (name, text) in GAUGES.items()}
+                  for key, (name, text, _) in GAUGES.items()}
         valid = GaugeMetricFamily("edge_sensor_valid",
                                   "1 when the newest reading is valid, 0 when suspect, stale "
                                   "or missing", labels=labels)
@@ -184,7 +186,7 @@ class ClimateCollector(Collector):
                 for key, gauge in gauges.items():
                     value = reading.value(key)
                     if value is not None:
-                        gauge.add_metric(ids, value)
+                        gauge.add_metric(ids, value * GAUGES[key][2])
             readings.add_metric(ids, entry.readings)
             for reason, n in sorted(entry.invalid.items()):
                 invalid.add_metric([*ids, reason], n)

@@ -18,7 +18,15 @@ import time
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
-from prometheus_client import CollectorRegistry, Counter
+from prometheus_client import (
+    GC_COLLECTOR,
+    PLATFORM_COLLECTOR,
+    PROCESS_COLLECTOR,
+    CollectorRegistry,
+    Counter,
+    Histogram,
+    disable_created_metrics,
+)
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
@@ -28,6 +36,13 @@ if TYPE_CHECKING:
     from agent.outbox import Outbox
 
 log = logging.getLogger(__name__)
+
+# prometheus-client exports a `*_created` sample beside every live Counter, which the text
+# format shows as a separate gauge family: noise for every dashboard. Off, process-wide.
+disable_created_metrics()  # type: ignore[no-untyped-call]
+# Request latency buckets (seconds): a commit-bound POST takes a few ms; a print waits
+# for the printer for up to seconds.
+LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
 
 # outbox.counters key -> edge_refusals_total{reason}
 REFUSAL_COUNTERS = {"refused_full": "outbox_full", "refused_disk": "disk_full"}
@@ -167,13 +182,39 @@ def _number(value: Any) -> float:
     return float(value) if isinstance(value, int | float) and not isinstance(value, bool) else 0.0
 
 
+class BuildInfo(Collector):
+    """``edge_build_info{version, python} 1``: join it to any series to know the release."""
+
+    def __init__(self, version: str) -> None:
+        import platform
+
+        self.labels = [version, platform.python_version()]
+
+    def collect(self) -> Iterator[Metric]:
+        info = GaugeMetricFamily("edge_build_info", "The running edge-agent's version",
+                                 labels=["version", "python"])
+        info.add_metric(self.labels, 1.0)
+        yield info
+
+
 class ApiMetrics:
     """The per-app registry: the collector plus the HTTP request counter."""
 
     def __init__(self, outbox: Outbox, uplink_snapshot: Callable[[], dict[str, Any]],
                  clock: Callable[[], float] = time.time,
                  status: Callable[[], dict[str, Any]] | None = None) -> None:
+        from agent import __version__
+
         self.registry = CollectorRegistry(auto_describe=False)
         self.registry.register(AgentCollector(outbox, uplink_snapshot, clock, status))
+        # process_* (CPU, memory, open fds, start time), python_gc_*, python_info: the
+        # standard collectors, read at scrape time from /proc.
+        for collector in (PROCESS_COLLECTOR, PLATFORM_COLLECTOR, GC_COLLECTOR):
+            self.registry.register(collector)
+        self.registry.register(BuildInfo(__version__))
         self.http_requests = Counter("edge_http_requests", "HTTP requests answered by the API",
                                      ["route", "status"], registry=self.registry)
+        self.http_duration = Histogram("edge_http_request_duration_seconds",
+                                       "Time to answer an HTTP request, by route",
+                                       ["route"], buckets=LATENCY_BUCKETS,
+                                       registry=self.registry)

@@ -288,7 +288,9 @@ def test_metrics_have_gauges_per_sensor_and_invalid_by_reason(tmp_path: Path,
     ok = (("device", "ok"), ("room", "Flower 2"))
     gone = (("device", "gone"), ("room", "Flower 2"))
     assert 10 < samples[("edge_sensor_temperature_celsius", ok)] < 40
-    assert ("edge_sensor_vpd_kpa", ok) in samples and ("edge_sensor_co2_ppm", ok) in samples
+    assert 0 < samples[("edge_sensor_vpd_pascals", ok)] < 5000   # pascals, not kPa
+    assert 0 < samples[("edge_sensor_relative_humidity_ratio", ok)] <= 1
+    assert ("edge_sensor_co2_ppm", ok) in samples
     assert samples[("edge_sensor_valid", ok)] == 1 and samples[("edge_sensor_valid", gone)] == 0
     assert ("edge_sensor_temperature_celsius", gone) not in samples
     assert samples[("edge_sensor_readings_total", ok)] >= 1

@@ -13,7 +13,7 @@ import time
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Histogram
+from prometheus_client import CollectorRegistry, Histogram, disable_created_metrics
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
@@ -23,6 +23,10 @@ log = logging.getLogger(__name__)
 
 STORE_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 STATUS_VALUES = ("online", "offline", "silent", "never-seen")
+
+
+# No `*_created` gauge beside every counter (see agent/metrics.py).
+disable_created_metrics()  # type: ignore[no-untyped-call]
 
 
 class HqMetrics:

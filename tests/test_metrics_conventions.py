@@ -1,0 +1,94 @@
+"""Metric names by Prometheus's conventions: promtool's `check metrics` lint rules, in Python.
+
+The rules follow client_golang's promlint (what `promtool check metrics` runs): help
+text on every family, snake_case names without reserved ':' or a type in the name,
+counters ending in `_total`, no non-base units (milli-/kilo- prefixes, abbreviations
+such as `_ms`, `_kpa`, `_pct`, `_percent`), and `_count`/`_sum`/`_bucket` only on
+histograms and summaries. They run on a real /metrics scrape of the site API and on
+the HQ registry.
+"""
+
+from __future__ import annotations
+
+import re
+
+from prometheus_client import generate_latest
+from prometheus_client.parser import text_string_to_metric_families
+
+from agent.climate_api import GAUGES
+from agent.hq.metrics import HqMetrics
+from tests.test_api import AUTH, Site, site  # noqa: F401  (the fixture)
+
+NAME_RE = re.compile(r"^[a-z_][a-z0-9_]*$")
+# promlint's unit check: a base unit with an SI prefix, or an abbreviation.
+BAD_UNITS = re.compile(r"(^|_)(milli|micro|nano|kilo|mega|giga|centi)[a-z]*(_|$)"
+                       r"|(^|_)(ms|us|ns|sec|secs|mins|hrs|kpa|hpa|pct|percent|kb|mb|gb)(_|$)")
+TYPE_IN_NAME = re.compile(r"(^|_)(counter|gauge|histogram|summary)(_|$)")
+
+
+def problems(text: str) -> list[str]:
+    found = []
+    for family in text_string_to_metric_families(text):
+        name = family.name
+        if not family.documentation:
+            found.append(f"{name}: no help text")
+        if not NAME_RE.match(name):
+            found.append(f"{name}: not snake_case (or uses the reserved ':')")
+        if BAD_UNITS.search(name):
+            found.append(f"{name}: use base units (seconds, bytes, pascals, ratios)")
+        if TYPE_IN_NAME.search(name):
+            found.append(f"{name}: the metric type does not belong in its name")
+        if family.type == "gauge" and name.endswith(("_total", "_created")):
+            found.append(f"{name}: a gauge named like a counter sample")
+        if family.type not in ("histogram", "summary") and \
+                name.endswith(("_count", "_sum", "_bucket")):
+            found.append(f"{name}: _count/_sum/_bucket are reserved for histograms")
+        for sample in family.samples:
+            if family.type == "counter" and not sample.name.endswith(("_total", "_created")):
+                found.append(f"{sample.name}: a counter sample must end in _total")
+            if sample.name.endswith("_created"):
+                found.append(f"{sample.name}: *_created series exported")
+    return found
+
+
+def test_site_metrics_follow_the_conventions(site: Site) -> None:  # noqa: F811
+    """A real scrape of the site API (after traffic) passes the lint rules."""
+    site.post("sale", {"receipt_number": "R-1", "sold_at": "2026-11-22T10:03:11-07:00",
+                       "customer_type": "Consumer", "register": "pos-1",
+                       "lines": [{"package_tag": "1A4FF0100000022000000123", "quantity": "1",
+                                  "unit": "Grams", "price": "1.00", "total": "1.00"}],
+                       "total": "1.00"})
+    text = site.client.get("/metrics", headers=AUTH).text
+    assert problems(text) == []
+
+
+def test_site_metrics_carry_build_info_process_and_latency(site: Site) -> None:  # noqa: F811
+    """edge_build_info, process_* metrics and the request latency histogram are there."""
+    site.client.get("/v1/status", headers=AUTH)
+    text = site.client.get("/metrics", headers=AUTH).text
+    families = {f.name: f for f in text_string_to_metric_families(text)}
+    from agent import __version__
+
+    info = families["edge_build_info"].samples[0]
+    assert info.value == 1 and info.labels["version"] == __version__
+    assert "process_resident_memory_bytes" in families
+    assert "process_start_time_seconds" in families
+    latency = families["edge_http_request_duration_seconds"]
+    assert latency.type == "histogram"
+    count = [s for s in latency.samples if s.name.endswith("_count")
+             and s.labels.get("route") == "/v1/status"]
+    assert count and count[0].value >= 1
+
+
+def test_hq_metrics_follow_the_conventions() -> None:
+    """The HQ receiver's registry passes the same lint rules."""
+    metrics = HqMetrics()
+    assert problems(generate_latest(metrics.registry).decode()) == []
+
+
+def test_sensor_gauges_use_base_units() -> None:
+    """Climate gauges are in pascals and 0-1 ratios, scaled from the readings' kPa and %."""
+    names = {key: (name, scale) for key, (name, _, scale) in GAUGES.items()}
+    assert names["vpd_kpa"] == ("edge_sensor_vpd_pascals", 1000.0)
+    assert names["rh_pct"] == ("edge_sensor_relative_humidity_ratio", 0.01)
+    assert not [n for n, _ in names.values() if BAD_UNITS.search(n)]
