@@ -97,6 +97,14 @@ FEATURE_ROUTES = {
 # -- the view -------------------------------------------------------------------------------
 
 
+def _plain_age(seconds: float) -> str:
+    if seconds < 120:
+        return f"{seconds:.0f} seconds"
+    if seconds < 7200:
+        return f"{seconds / 60:.0f} minutes"
+    return f"{seconds / 3600:.0f} hours"
+
+
 def hq_link(uplink: dict[str, Any], kinds: dict[str, Any], ack_timeout_s: float,
             now: float, reasons: list[str] | None = None) -> dict[str, Any]:
     """Whether HQ is taking our events, and what waits; pure.
@@ -120,20 +128,26 @@ def hq_link(uplink: dict[str, Any], kinds: dict[str, Any], ack_timeout_s: float,
                             "host": uplink.get("host")}
     ack_trouble = [r.split(":", 1)[1].strip() for r in reasons or []
                    if r.split(":", 1)[0] in ("acks_stalled", "acks_refused")]
+    # message: plain words for store staff; detail: the same for whoever fixes it (IT).
     if state != "connected":
         error = uplink.get("last_error")
         cause = CAUSES.get(str(uplink.get("cause")))
-        view.update(reachable=False, message="no connection to the HQ broker"
-                    + (f": {cause}" if cause else "") + (f" ({error})" if error else ""))
+        view.update(reachable=False, message="this box cannot reach HQ right now",
+                    detail="no connection to the HQ broker" + (f": {cause}" if cause else "")
+                    + (f" ({error})" if error else ""))
     elif ack_trouble:
-        view.update(reachable=False, message=f"connected to the broker, but {ack_trouble[0]}")
+        view.update(reachable=False, message="HQ is not confirming what this box sends",
+                    detail=f"connected to the broker, but {ack_trouble[0]}")
     elif (waiting and oldest is not None and oldest > ack_timeout_s
           and (since_ack is None or since_ack > ack_timeout_s)):
+        quiet = oldest if since_ack is None else since_ack
         view.update(reachable=False,
-                    message=f"connected to the broker, but HQ has acknowledged nothing for "
-                            f"{oldest if since_ack is None else since_ack:.0f} s")
+                    message=f"HQ has not confirmed anything for {_plain_age(quiet)}",
+                    detail=f"connected to the broker, but HQ has acknowledged nothing for "
+                           f"{quiet:.0f} s")
     else:
-        view.update(reachable=True, message="HQ is acknowledging events")
+        view.update(reachable=True, message="HQ is receiving everything",
+                    detail="HQ is acknowledging events")
     return view
 
 

@@ -147,6 +147,10 @@ def test_sign_in_record_plant_events_and_see_the_hq_outage(site: LocalSite, page
     expect(banner).to_contain_text(
         re.compile(r"HQ unreachable - [1-9]\d* events? waiting to be sent"))
     expect(page.locator("#hq-state")).to_have_text("✖ Unreachable")
+    # Plain words for store staff: what it means and what to do, no MQTT jargon.
+    expect(banner).to_contain_text("HQ has not confirmed anything for")
+    expect(banner).to_contain_text("Keep working")
+    expect(banner).not_to_contain_text("broker")
     expect(page.locator("#outbox-table tr.waiting")).to_contain_text("Sales")
     expect(page.locator("#compliance")).to_contain_text("Oldest unsent sale")
     expect(page.locator("#state-pill")).to_have_text("HQ unreachable")

@@ -261,12 +261,15 @@ def test_hq_is_unreachable_when_connected_but_nothing_is_acknowledged() -> None:
     connected = {"state": "connected", "last_ack_ts": None}
     down = hq_link(connected, waiting, ack_timeout_s=5, now=now)
     assert down["reachable"] is False and down["waiting"] == 4
-    assert "acknowledged nothing for 12 s" in down["message"]
+    assert "acknowledged nothing for 12 s" in down["detail"]
+    assert down["message"] == "HQ has not confirmed anything for 12 seconds"
     assert hq_link({**connected, "last_ack_ts": now - 1}, waiting, 5, now)["reachable"] is True
     assert hq_link(connected, {"sale": {"depth": 2, "oldest_age_s": 3.0}}, 5, now)["reachable"]
     assert hq_link(connected, {"sale": {"depth": 0, "oldest_age_s": None}}, 5, now)["reachable"]
     broker = hq_link({"state": "connecting", "last_error": "connection refused"}, {}, 5, now)
-    assert broker["reachable"] is False and "connection refused" in broker["message"]
+    assert broker["reachable"] is False and "connection refused" in broker["detail"]
+    # Store staff read plain words: no broker, no socket errors.
+    assert broker["message"] == "this box cannot reach HQ right now"
 
 
 def test_alarm_events_are_listed_as_recent(site: Site) -> None:

@@ -28,7 +28,7 @@ GOLDEN_RECEIPT = b"".join([
     b"\x1b@\x1b!\x00\x1b!\x00\x1b!0\x1bE\x01\x1ba\x01\x1bt\x00Denver Flagship\n",
     b"\x1b!\x00\x1b!\x00\x1b!\x00\x1bE\x00\x1ba\x01123 Main St\n",
     b"Denver, CO 80202\n",
-    b"Licence 402R-00123\n",
+    b"License 402R-00123\n",
     b"\x1b!\x00\x1b!\x00\x1b!\x00\x1bE\x00\x1ba\x00------------------------------------------\n",
     b"\x1b!\x00\x1b!\x00\x1b!\x00\x1bE\x01\x1ba\x00Receipt                           R-000123\n",
     b"\x1b!\x00\x1b!\x00\x1b!\x00\x1bE\x00\x1ba\x00Date             2026-11-22 10:03:11 -0700\n",
@@ -72,7 +72,7 @@ GOLDEN_LABEL = b"".join(line + b"\n" for line in [
     b"^FO16,132^A0N,22,22^FH_^FDBatch: BD-2026-11^FS",
     b"^FO16,158^A0N,22,22^FH_^FDHarvested 2026-10-01   Packaged 2026-11-01^FS",
     b"^FO16,184^A0N,22,22^FH_^FDTested 2026-11-05   Lab: SC Labs^FS",
-    b"^FO16,210^A0N,22,22^FH_^FDLicence 402R-00123^FS",
+    b"^FO16,210^A0N,22,22^FH_^FDLicense 402R-00123^FS",
     b"^FO36,246^BY2,3,72^BCN,72,N,N,N,A^FD1A4FF0100000022000000123^FS",
     b"^FO16,324^A0N,22,22^FH_^FD1A4FF0100000022000000123^FS",
     b"^FO16,354^A0N,18,18^FH_^FDWARNING: This product contains cannabis. "
@@ -97,7 +97,7 @@ def test_receipt_golden_bytes() -> None:
 def test_receipt_has_every_compliance_part() -> None:
     """Header, each tag, quantity, unit, price, THC, taxes, total and warning are printed."""
     out = render_receipt(SALE, ReceiptOptions(**RECEIPT_OPTIONS))
-    for part in (b"Denver Flagship", b"123 Main St", b"Licence 402R-00123", TAG.encode(),
+    for part in (b"Denver Flagship", b"123 Main St", b"License 402R-00123", TAG.encode(),
                  b"1A4FF0100000022000000456", b"3.5 Grams @ $35.00", b"THC 22.4%",
                  b"State excise 15%", b"$8.25", b"$63.25", b"Keep out", b"R-000123"):
         assert part in out, part
@@ -196,7 +196,7 @@ def test_label_licence_and_warning_default_from_options() -> None:
     label = Label.model_validate({**LABEL, "licence_number": "OWN-1", "warning": "Own warning"})
     texts = [el.text for el in layout_label(label, LabelOptions(**LABEL_OPTIONS))
              .elements if hasattr(el, "text")]
-    assert "Licence OWN-1" in texts and "Own warning" in texts
+    assert "License OWN-1" in texts and "Own warning" in texts
 
 
 def test_printer_options_reject_unknown_keys() -> None:

@@ -108,10 +108,11 @@ def test_page_banner_and_metrics_say_what_status_says(outbox: Outbox) -> None:
     connected = {"state": "connected", "host": "hq:8883", "last_ack_ts": now - 1}
     stalled = ["acks_stalled: HQ has acknowledged no sale event for 75 s while 3 wait"]
     view = hq_link(connected, {"sale": {"depth": 3, "oldest_age_s": 2.0}}, 30, now, stalled)
-    assert view["reachable"] is False and "acknowledged no sale event for 75 s" in view["message"]
+    assert view["reachable"] is False and "acknowledged no sale event for 75 s" in view["detail"]
+    assert view["message"] == "HQ is not confirming what this box sends"
     down = hq_link({"state": "connecting", "cause": "keepalive_timeout",
                     "last_error": "keepalive timeout: no answer"}, {}, 30, now, [])
-    assert "keepalive timeout" in down["message"] and not down["reachable"]
+    assert "keepalive timeout" in down["detail"] and not down["reachable"]
 
     snapshot = {"state": "connecting", "down_since": now - 90.0}
     status = {"state": "degraded", "reasons": ["uplink_down: 90 s", *stalled],

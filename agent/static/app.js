@@ -200,7 +200,7 @@ function renderBanner(hq) {
   const n = hq.waiting;
   banner.replaceChildren(
     `HQ unreachable - ${n} event${n === 1 ? "" : "s"} waiting to be sent`,
-    el("small", { text: `${hq.message}. This site keeps working: sales, scans and plant events are stored here and sent when HQ is back.` }));
+    el("small", { text: `${hq.message[0].toUpperCase()}${hq.message.slice(1)}. Keep working: sales, scans and plant events are saved on this box and sent to HQ when it is back.` }));
   banner.hidden = false;
 }
 
@@ -208,8 +208,9 @@ function renderHq(hq, uplink) {
   const stateNode = $("#hq-state");
   stateNode.textContent = hq.reachable ? "✔ Connected" : "✖ Unreachable";
   stateNode.className = `big ${hq.reachable ? "ok" : "bad"}`;
-  $("#hq-broker").textContent = uplink.state === "connected"
-    ? `connected to ${uplink.host || "broker"}` : `${uplink.state || "not connected"}${uplink.last_error ? ` (${uplink.last_error})` : ""}`;
+  // Plain words first; the technical detail (host, socket error) is for IT, in small print.
+  $("#hq-broker").replaceChildren(uplink.state === "connected" ? "connected" : "not connected",
+    el("small", { class: "detail", text: ` ${hq.detail || ""}` }));
   $("#hq-last-ack").textContent = hq.last_ack_age_s === null ? "none yet" : `${ago(hq.last_ack_age_s)} ago`;
   $("#hq-waiting").textContent = hq.waiting === 0 ? "nothing: all sent"
     : `${hq.waiting} event${hq.waiting === 1 ? "" : "s"}, oldest ${ago(hq.oldest_age_s)}`;

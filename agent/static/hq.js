@@ -194,7 +194,7 @@ async function showSite(id) {
     el("span", { class: `badge ${STATUS_BADGE[site.status] || ""}`, text: site.status }));
   $("#site-facts").replaceChildren(...[
     fact("Site", site.site), fact("State", site.state || "—"),
-    fact("Licence", site.license_number || "—"), fact("Time zone", site.timezone),
+    fact("License", site.license_number || "—"), fact("Time zone", site.timezone),
     fact("Last seen", site.last_seen ? `${ago(since(site.last_seen))} ago` : "never"),
     fact("Version", site.version || "—"), fact("Health", site.health || "—"),
   ].flat());

@@ -208,7 +208,7 @@ def layout_label(label: Label, options: LabelOptions) -> LabelLayout:
         or None,
         "   ".join(x for x in (f"Tested {_fmt_date(label.test_date)}" if label.test_date else None,
                                f"Lab: {label.lab}" if label.lab else None) if x) or None,
-        f"Licence {lic}" if (lic := label.licence_number or options.licence_number) else None,
+        f"License {lic}" if (lic := label.licence_number or options.licence_number) else None,
     ]
     for row in rows:
         if row:

@@ -170,13 +170,13 @@ def layout_receipt(sale: ReceiptSale | dict[str, Any], options: ReceiptOptions) 
     for line in options.address:
         blocks += _wrap(line, w, align="center")
     if options.licence_number:
-        blocks += _wrap(f"Licence {options.licence_number}", w, align="center")
+        blocks += _wrap(f"License {options.licence_number}", w, align="center")
     blocks.append(rule)
     blocks += [Text(line, bold=True) for line in _two_cols("Receipt", s.receipt_number, w)]
     blocks += [Text(line) for line in _two_cols("Date", _when(s.sold_at), w)]
     blocks += [Text(line) for line in _two_cols("Customer", s.customer_type, w)]
     if s.patient_license:
-        blocks += [Text(line) for line in _two_cols("Patient licence", s.patient_license, w)]
+        blocks += [Text(line) for line in _two_cols("Patient license", s.patient_license, w)]
     if s.register_:
         blocks += [Text(line) for line in _two_cols("Register", s.register_, w)]
     blocks.append(rule)
