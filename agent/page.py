@@ -43,6 +43,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, Field
 
 from agent.api import ApiContext, ApiProblem, Caller, ErrorBody, parse_json_object
+from agent.config import AgentConfig
 from agent.envelope import decode, iso_ms
 from agent.errors import OutboxError
 from agent.sessions import COOKIE_NAME, SessionStore, same_origin
@@ -178,9 +179,27 @@ def route_paths(routes: list[Any], prefix: str = "") -> set[str]:
     return paths
 
 
-def features(app: FastAPI) -> dict[str, bool]:
+# What a part of the page needs on the box besides its route: a tab for scans on a box
+# with no scanner (or rooms with no sensor) is a dead end for the staff who tap it.
+FEATURE_DEVICES = {
+    "scans": ("scanner",), "sensors": ("sensor",), "history": ("sensor",),
+    "rooms": ("sensor",), "print_label": ("label_printer",),
+    "label_preview": ("label_printer",),
+}
+
+
+def features(app: FastAPI, cfg: AgentConfig | None = None) -> dict[str, bool]:
+    """The parts of the page this box has: the route is there and, with ``cfg``, an
+    enabled device of the kind that part shows (rooms also show with [[rooms]])."""
     paths = route_paths(app.router.routes)
-    return {name: path in paths for name, path in FEATURE_ROUTES.items()}
+    found = {name: path in paths for name, path in FEATURE_ROUTES.items()}
+    if cfg is None:
+        return found
+    types = {d.type for d in cfg.devices if d.enabled}
+    for name, needs in FEATURE_DEVICES.items():
+        has = bool(types.intersection(needs)) or (name == "rooms" and bool(cfg.rooms))
+        found[name] = found[name] and has
+    return found
 
 
 def change_key(view: dict[str, Any]) -> str:
@@ -509,7 +528,7 @@ def page_router(ctx: ApiContext, closing: threading.Event, tap: AlarmTap) -> API
             "hq": hq_link(status.get("uplink") or {}, kinds, ctx.cfg.mqtt.ack_timeout_s, now,
                           status.get("reasons")),
             "compliance": compliance_view(kinds, ctx.cfg.compliance.report_within_h),
-            "features": features(request.app),
+            "features": features(request.app, ctx.cfg),
             "alarms": {"open": open_alarms, "recent": tap.snapshot(), "missed": tap.missed},
         }
 

@@ -307,3 +307,25 @@ def fill_label(page: Page) -> None:
         page.fill(f"#lf-{name}", str(LABEL[name]))
 
 
+
+
+def test_a_receipt_printer_only_box_shows_only_its_tabs(tmp_path: Path, page: Page) -> None:
+    """A box with just a receipt printer working (its scanner and label printer disabled in
+    the config) shows Health, Plants and Alarms; no Scans or Labels tab into a dead end."""
+    s = LocalSite(tmp_path / "site", devices=[
+        {"id": "counter-1-receipt", "type": "receipt_printer", "url": "sim://receipt"},
+        {"id": "counter-1-scanner", "type": "scanner", "url": "sim://scanner",
+         "enabled": False},
+        {"id": "packaging-zebra", "type": "label_printer", "url": "sim://label",
+         "enabled": False}])
+    try:
+        s.start()
+        sign_in(page, s)
+        visible = page.locator("a.tab:visible")
+        expect(visible).to_have_count(3, timeout=10_000)
+        assert [t.strip().split()[0] for t in visible.all_inner_texts()] == \
+            ["Health", "Plants", "Alarms"]
+        for hidden in ("scans", "rooms", "labels"):
+            expect(page.locator(f"a.tab[data-view={hidden}]")).to_be_hidden()
+    finally:
+        s.stop()

@@ -217,7 +217,8 @@ def test_websocket_routes_take_the_cookie_from_this_origin_only(tmp_path: Path) 
                 site.client.websocket_connect("/v1/scans", headers={"Origin": EVIL}):
             pass
         assert refused.value.code == 1008
-        assert site.client.get("/v1/page").json()["features"]["scans"] is True
+        # The route alone does not make a Scans tab: this box has no scanner.
+        assert site.client.get("/v1/page").json()["features"]["scans"] is False
     finally:
         site.close()
 
@@ -366,3 +367,28 @@ def test_signing_in_again_replaces_the_browsers_session(site: Site) -> None:
     assert second != first and len(site.app.state.sessions) == 1
     site.client.cookies.set(COOKIE_NAME, first)
     assert site.client.get("/v1/status").status_code == 401
+
+
+@pytest.mark.parametrize(("devices", "rooms", "shown"), [
+    ([{"id": "r", "type": "receipt_printer", "url": "sim://receipt"}], [], set()),
+    ([{"id": "s", "type": "scanner", "url": "sim://scanner"}], [], {"scans"}),
+    ([{"id": "z", "type": "label_printer", "url": "sim://label"}], [],
+     {"print_label", "label_preview"}),
+    ([{"id": "c", "type": "sensor", "model": "sim", "room": "Veg", "url": "sim://climate"}],
+     [], {"sensors", "history", "rooms"}),
+    ([{"id": "s", "type": "scanner", "url": "sim://scanner", "enabled": False}],
+     [{"name": "Veg", "stage": "veg"}], {"rooms"}),
+])
+def test_features_follow_the_boxs_devices(tmp_path: Path, devices: list[dict[str, Any]],
+                                          rooms: list[dict[str, Any]], shown: set[str]) -> None:
+    """A part of the page shows only when its route exists and the box has (enabled) devices
+    of that kind: a receipt-printer-only box gets no Scans, Rooms or Labels."""
+    from fastapi import FastAPI
+
+    from agent.page import FEATURE_ROUTES, features
+
+    app = FastAPI()
+    for path in FEATURE_ROUTES.values():
+        app.get(path)(lambda: None)
+    cfg = AgentConfig(site={"id": SITE}, devices=devices, rooms=rooms)
+    assert {name for name, on in features(app, cfg).items() if on} == shown
