@@ -583,23 +583,6 @@ def _cookie_caller(request: HTTPConnection, cookie: str) -> str:
 
 Caller = Annotated[str, Depends(authenticated_caller)]
 
-LOOPBACK = frozenset({"127.0.0.1", "::1"})
-
-
-async def metrics_caller(
-        request: HTTPConnection,
-        creds: Annotated[HTTPAuthorizationCredentials | None, Security(_bearer)]) -> str:
-    """``/metrics``: open to a scraper on the box itself (a node exporter's textfile
-    sidecar, a local Prometheus agent: loopback has no one else on it), token-guarded
-    from anywhere else, like every other route."""
-    client = request.client.host if request.client else ""
-    if creds is None and client in LOOPBACK and "cookie" not in request.headers:
-        return "loopback"
-    return await authenticated_caller(request, creds)
-
-
-MetricsCaller = Annotated[str, Depends(metrics_caller)]
-
 
 # -- documentation models (OpenAPI only; the handlers parse by hand, see the module doc) -----
 
@@ -694,7 +677,7 @@ def create_app(ctx: ApiContext) -> FastAPI:
 
     @app.get("/metrics", responses=_errors(401), response_class=Response,
              summary="Prometheus text format")
-    async def prometheus(_: MetricsCaller) -> Response:
+    async def prometheus(_: Caller) -> Response:
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     @app.get("/openapi.json", include_in_schema=False)
