@@ -516,7 +516,7 @@ def _hq(path: str, args: argparse.Namespace) -> int:
     web = start_web(cfg, receiver, metrics)
     forwarder = _start_metrc(cfg, metrics)
     retention = None
-    if cfg.hq.retention_days > 0 and cfg.hq.store.startswith("sqlite:"):
+    if cfg.hq.retention_days > 0:
         from agent.hq.retention import RetentionRunner, retention_sinks
 
         retention = RetentionRunner(cfg.hq.store, cfg.hq.retention_days, retention_sinks(cfg))

@@ -11,7 +11,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import pytest
 
@@ -195,3 +195,22 @@ def process_tests_marked(request: pytest.FixtureRequest) -> Iterator[None]:
     if localsite.ARGV_CALLS[0] != before and request.node.get_closest_marker("e2e") is None:
         pytest.fail("this test starts the real edge-agent: mark it @pytest.mark.e2e",
                     pytrace=False)
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """An empty HQ store's URL on each backend in turn: a SQLite file, a fresh PostgreSQL db."""
+    if request.param == "sqlite":
+        return f"sqlite://{tmp_path}/hq.db"
+    return str(request.getfixturevalue("pg_url"))
+
+
+def make_store(url: str, clock: Callable[[], float] | None = None) -> Any:
+    """The HQ store at ``url`` (as ``open_store`` opens it), on a test clock if given."""
+    from agent.hq.pgstore import PgStore
+    from agent.hq.store import SqliteStore, sqlite_path
+
+    kw: dict[str, Any] = {} if clock is None else {"clock": clock}
+    if url.startswith("sqlite:"):
+        return SqliteStore(sqlite_path(url), **kw)
+    return PgStore(url, **kw)

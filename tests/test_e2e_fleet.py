@@ -8,11 +8,13 @@ Chromium is the system one (/usr/bin/chromium, installed by tools/bootstrap.sh).
 from __future__ import annotations
 
 import json
+import os
 import sqlite3
 import subprocess
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,6 +23,7 @@ import pytest
 from playwright.sync_api import Browser, expect, sync_playwright
 
 from agent.localbroker import free_port
+from agent.localpg import PgServer
 from agent.localsite import LocalSite, Proc, edge_agent_argv, sample_sale, write_toml
 from tests.conftest import screenshot_dir, wait_for
 
@@ -66,6 +69,20 @@ class Fleet:
 @pytest.fixture(scope="module")
 def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
     root = tmp_path_factory.mktemp("fleet")
+    with _fleet(root, f"sqlite:///{root}/hq/hq.db") as running:
+        yield running
+
+
+@pytest.fixture(scope="module")
+def pg_fleet(tmp_path_factory: pytest.TempPathFactory, pg_server: PgServer) -> Iterator[Fleet]:
+    """The same fleet with its HQ on the suite's private PostgreSQL."""
+    root = tmp_path_factory.mktemp("pg-fleet")
+    with _fleet(root, pg_server.create_database(f"fleet_{os.getpid()}")) as running:
+        yield running
+
+
+@contextmanager
+def _fleet(root: Path, store: str) -> Iterator[Fleet]:
     denver = LocalSite(root / "denver", site_id="co-denver-01")
     boulder = LocalSite(root / "boulder", site_id="co-boulder-02")
     hq: Proc | None = None
@@ -82,7 +99,7 @@ def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
         write_toml(config, {
             "mqtt": {"hosts": ["127.0.0.1"], "port": broker.port, "tls": False,
                      "keepalive_s": 5, "backoff_min_s": 0.1, "backoff_max_s": 1.0},
-            "hq": {"store": f"sqlite:///{root}/hq/hq.db", "http_port": port,
+            "hq": {"store": store, "http_port": port,
                    "tokens_file": str(tokens)},
             "compliance": {"report_within_h": 24},
             "hq.sites": [
@@ -124,6 +141,22 @@ def _get(url: str) -> int:
 def test_hq_fleet_online_never_seen_and_send_catalog_put(fleet: Fleet) -> None:
     """hq fleet: running sites online, the unheard registered one never-seen (exit 1);
     hq send catalog-put reaches the site's catalog and prints its result (exit 0)."""
+    _fleet_and_send(fleet)
+
+
+def test_hq_fleet_send_and_offline_on_postgresql(pg_fleet: Fleet) -> None:
+    """On a PostgreSQL store: online, never-seen (exit 1), catalog-put delivered, and a
+    stopped agent offline within 30 s."""
+    _fleet_and_send(pg_fleet)
+    assert pg_fleet.boulder.agent is not None
+    pg_fleet.boulder.agent.terminate()
+    wait_for(lambda: pg_fleet.fleet()[1]["co-boulder-02"]["status"] == "offline", 30, 0.5,
+             what="the stopped agent offline in hq fleet within 30 s")
+    code, rows = pg_fleet.fleet()
+    assert code == 1 and rows["co-denver-01"]["status"] == "online"
+
+
+def _fleet_and_send(fleet: Fleet) -> None:
     def both_online() -> dict[str, dict[str, Any]] | None:
         code, rows = fleet.fleet()
         ok = all(rows.get(s, {}).get("status") == "online"

@@ -19,15 +19,16 @@ from agent.hq.store import SqliteStore
 from agent.localbroker import Broker
 from agent.outbox import Outbox
 from agent.uplink import Uplink, with_epoch, with_floor
-from tests.conftest import wait_for
+from tests.conftest import make_store, wait_for
 from tests.test_hq import SITE, envelope, envelope_bytes, hq_config, kinds_of, running
 from tests.test_uplink import SITE as AGENT_SITE
 from tests.test_uplink import Hq, config, depth, submit
 
 
 @contextmanager
-def store_at(path: Path) -> Iterator[SqliteStore]:
-    store = SqliteStore(str(path))
+def store_at(path: Path | str) -> Iterator[Any]:
+    """A store on a SQLite file (a Path) or at a store URL (both backends: ``store_url``)."""
+    store = SqliteStore(str(path)) if isinstance(path, Path) else make_store(path)
     try:
         yield store
     finally:
@@ -47,9 +48,9 @@ def uplink(cfg: Any, outbox: Outbox) -> Iterator[Uplink]:
 # -- the store ----------------------------------------------------------------
 
 
-def test_a_fresh_store_acks_past_a_floor_and_reports_it_skipped(tmp_path: Path) -> None:
+def test_a_fresh_store_acks_past_a_floor_and_reports_it_skipped(store_url: str) -> None:
     """500..510 with floor 499 on 500: a fresh store acks 510 and reports skipped [[1, 499]]."""
-    with store_at(tmp_path / "hq.db") as hq:
+    with store_at(store_url) as hq:
         marks = hq.store_batch([envelope(500, floor=499)] + [envelope(s) for s in range(501, 511)])
         assert marks == {(SITE, "sale", ""): 510}
         sale = kinds_of(hq.report())["sale"]
@@ -58,17 +59,17 @@ def test_a_fresh_store_acks_past_a_floor_and_reports_it_skipped(tmp_path: Path) 
         assert sale["acked_upto"] == 510 and hq.counters["skipped_ranges"] == 1
 
 
-def test_without_a_floor_a_fresh_store_acks_nothing(tmp_path: Path) -> None:
+def test_without_a_floor_a_fresh_store_acks_nothing(store_url: str) -> None:
     """The same seqs 500..510 without a floor: the watermark stays 0 (the defect floor fixes)."""
-    with store_at(tmp_path / "hq.db") as hq:
+    with store_at(store_url) as hq:
         assert hq.store_batch([envelope(s) for s in range(500, 511)]) == {(SITE, "sale", ""): 0}
         sale = kinds_of(hq.report())["sale"]
         assert sale["skipped"] == [] and sale["acked_upto"] == 0
 
 
-def test_a_floor_below_the_watermark_changes_nothing(tmp_path: Path) -> None:
+def test_a_floor_below_the_watermark_changes_nothing(store_url: str) -> None:
     """A floor at or below the watermark (every resend of a caught-up store) records nothing."""
-    with store_at(tmp_path / "hq.db") as hq:
+    with store_at(store_url) as hq:
         hq.store_batch([envelope(s) for s in range(1, 6)])
         marks = hq.store_batch([envelope(4, floor=3), envelope(6, floor=5)])
         assert marks == {(SITE, "sale", ""): 6}
@@ -76,9 +77,9 @@ def test_a_floor_below_the_watermark_changes_nothing(tmp_path: Path) -> None:
         assert hq.counters["skipped_ranges"] == 0
 
 
-def test_only_the_part_not_stored_is_skipped(tmp_path: Path) -> None:
+def test_only_the_part_not_stored_is_skipped(store_url: str) -> None:
     """Between the mark and the floor, stored seqs and declared-lost ranges are not skipped."""
-    with store_at(tmp_path / "hq.db") as hq:
+    with store_at(store_url) as hq:
         hq.store_batch([envelope(s) for s in (1, 2, 5, 6)] + [envelope(12, lost=[8, 9])])
         assert hq.watermarks() == {(SITE, "sale", ""): 2}
         assert hq.store_batch([envelope(20, floor=19)]) == {(SITE, "sale", ""): 20}
@@ -87,18 +88,18 @@ def test_only_the_part_not_stored_is_skipped(tmp_path: Path) -> None:
         assert sale["lost"] == [[8, 9]] and sale["gaps"] == []
 
 
-def test_a_floor_inside_an_aggregate_moves_the_mark_to_its_end(tmp_path: Path) -> None:
+def test_a_floor_inside_an_aggregate_moves_the_mark_to_its_end(store_url: str) -> None:
     """A stored aggregate reaching past the floor carries the watermark to its seq_end."""
-    with store_at(tmp_path / "hq.db") as hq:
+    with store_at(store_url) as hq:
         hq.store_batch([envelope(90, kind="sensor", seq_end=120)])
         marks = hq.store_batch([envelope(121, kind="sensor", floor=100)])
         assert marks == {(SITE, "sensor", ""): 121}
         assert kinds_of(hq.report())["sensor"]["skipped"] == [[1, 89]]
 
 
-def test_seqs_arriving_late_inside_a_skipped_range_are_stored(tmp_path: Path) -> None:
+def test_seqs_arriving_late_inside_a_skipped_range_are_stored(store_url: str) -> None:
     """A seq inside a skipped range is still stored and counted; it is no longer skipped."""
-    with store_at(tmp_path / "hq.db") as hq:
+    with store_at(store_url) as hq:
         hq.store_batch([envelope(10, floor=9)])
         assert hq.store_batch([envelope(5)]) == {(SITE, "sale", ""): 10}
         sale = kinds_of(hq.report())["sale"]

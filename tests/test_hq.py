@@ -458,13 +458,6 @@ def test_report_bad_store_or_since_exits_2(tmp_path: Path) -> None:
     assert "--since 'yesterday'" in err.getvalue()
 
 
-def test_postgresql_store_names_what_is_missing() -> None:
-    """postgresql:// fails with an AgentError naming psycopg (or saying it is unsupported)."""
-    with pytest.raises(AgentError, match=r"psycopg\[binary\]|not supported") as info:
-        open_store("postgresql://hq:secret@db.example/hq")
-    assert "secret" not in str(info.value)
-
-
 def test_store_creates_parent_directories_in_wal_mode(tmp_path: Path) -> None:
     """A store path in directories that do not exist yet is created, in WAL mode."""
     path = tmp_path / "a" / "b" / "hq.db"

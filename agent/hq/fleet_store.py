@@ -1,7 +1,7 @@
 """The fleet's state in the HQ store's database (:class:`agent.hq.fleet.FleetStore`).
 
-Two tables beside the events, plain SQL that PostgreSQL takes as it is
-(``ON CONFLICT ... DO UPDATE``, text timestamps in iso_ms that sort as time):
+Two tables beside the events (on PostgreSQL made by the store's migrations,
+agent/hq/pg_migrations; text timestamps in iso_ms that sort as time):
 
 - ``sites_state``: one row per site, the latest status and health;
 - ``device_faults``: printer faults per (site, device, hour), the growth of the
@@ -30,7 +30,7 @@ from agent.hq.fleet import (
     health_from_json,
     health_to_json,
 )
-from agent.hq.store import StoreError, open_side_tables, sqlite_path
+from agent.hq.store import StoreError, _redact, open_side_tables, sqlite_path
 
 FLEET_SCHEMA = """
 CREATE TABLE IF NOT EXISTS sites_state (
@@ -171,9 +171,115 @@ def _state(row: Sequence[Any]) -> SiteState:
                      last_seen, version, health_at, parsed)
 
 
-def open_fleet_store(url: str) -> SqliteFleetStore:
-    """The fleet store beside ``[hq] store``; PostgreSQL follows with the PostgreSQL store."""
+def _pg_text(value: str | None) -> str | None:
+    """PostgreSQL text cannot hold NUL (a hostile site's version string could)."""
+    return None if value is None else value.replace("\x00", "\ufffd")
+
+
+class PgFleetStore:
+    """The fleet tables in the PostgreSQL store (made by its migrations), on its pool.
+
+    Each site's row is locked (``FOR UPDATE``, sites in sorted order) for the
+    read-apply-write, so receivers writing the same site's status at once
+    serialise as SQLite's ``BEGIN IMMEDIATE`` makes them.
+    """
+
+    def __init__(self, url: str) -> None:
+        from agent.hq.pgstore import shared_pool
+
+        self.url = url
+        self.location = _redact(url)
+        self.pool = shared_pool(url)
+        self._closed = False
+
+    def close(self) -> None:
+        from agent.hq.pgstore import release_pool
+
+        if not self._closed:
+            self._closed = True
+            release_pool(self.url)
+
+    def record(self, messages: Sequence[StatusMessage | HealthMessage], now: float) -> None:
+        import psycopg
+        from psycopg_pool import PoolTimeout
+
+        if not messages:
+            return
+        sites = sorted({m.site for m in messages})
+        try:
+            with self.pool.connection() as conn, conn.transaction():
+                conn.execute("INSERT INTO sites_state (site) SELECT unnest(%s::text[]) AS s "
+                             "ORDER BY s ON CONFLICT DO NOTHING", (sites,))
+                found = conn.execute(
+                    "SELECT site, online, status_ts, status_at, last_seen, version, health_at,"
+                    " health FROM sites_state WHERE site = ANY(%s) ORDER BY site FOR UPDATE",
+                    (sites,)).fetchall()
+                states: dict[str, SiteState | None] = {r[0]: _state(r) for r in found}
+                faults: dict[tuple[str, str], int] = {}
+                for message in messages:
+                    before = states.get(message.site)
+                    if isinstance(message, HealthMessage):
+                        for device, n in fault_growth(before.health if before else None,
+                                                      message).items():
+                            key = (message.site, device)
+                            faults[key] = faults.get(key, 0) + n
+                    states[message.site] = apply(before, message, now)
+                done = [s for s in states.values() if s is not None]
+                conn.cursor().executemany(
+                    "UPDATE sites_state SET online = %s, status_ts = %s, status_at = %s, "
+                    "last_seen = %s, version = %s, health_at = %s, health = %s WHERE site = %s",
+                    [(s.online, s.status_ts, s.status_at, s.last_seen, _pg_text(s.version),
+                      s.health_at, None if s.health is None else health_to_json(s.health),
+                      s.site) for s in done])
+                if faults:
+                    hour = hour_of(now)
+                    keys = sorted(faults)
+                    conn.execute(
+                        "INSERT INTO device_faults (site, device, hour, faults) SELECT s, d, %s, n"
+                        " FROM unnest(%s::text[], %s::text[], %s::bigint[]) AS x(s, d, n)"
+                        " ON CONFLICT (site, device, hour)"
+                        " DO UPDATE SET faults = device_faults.faults + excluded.faults",
+                        (hour, [k[0] for k in keys], [_pg_text(k[1]) for k in keys],
+                         [faults[k] for k in keys]))
+        except PoolTimeout:
+            raise StoreError(self.location, "fleet write failed: no database connection") \
+                from None
+        except psycopg.Error as exc:
+            raise StoreError(self.location, f"fleet write failed: {_one_line(exc)}") from None
+
+    def _read(self, sql: str, params: Sequence[Any] = ()) -> list[Any]:
+        import psycopg
+        from psycopg_pool import PoolTimeout
+
+        try:
+            with self.pool.connection() as conn:
+                return conn.execute(sql, params).fetchall()
+        except PoolTimeout:
+            raise StoreError(self.location, "fleet read failed: no database connection") \
+                from None
+        except psycopg.Error as exc:
+            raise StoreError(self.location, f"fleet read failed: {_one_line(exc)}") from None
+
+    def states(self) -> dict[str, SiteState]:
+        rows = self._read("SELECT site, online, status_ts, status_at, last_seen, version, "
+                          "health_at, health FROM sites_state ORDER BY site")
+        return {row[0]: _state(row) for row in rows}
+
+    def faults(self, site: str, since: float) -> list[dict[str, Any]]:
+        rows = self._read("SELECT device, hour, faults FROM device_faults WHERE site = %s "
+                          "AND hour >= %s ORDER BY device, hour", (site, hour_of(since)))
+        return [{"device": d, "hour": h, "faults": int(n)} for d, h, n in rows]
+
+
+def _one_line(exc: BaseException) -> str:
+    return _redact(" ".join(str(exc).split()))[:300] or type(exc).__name__
+
+
+def open_fleet_store(url: str) -> SqliteFleetStore | PgFleetStore:
+    """The fleet store beside ``[hq] store``, in the same database."""
     if url.startswith("sqlite:///"):
         return SqliteFleetStore(url)
-    raise StoreError(url.split("@")[-1], "the fleet tables need a sqlite:/// store in this "
-                                         "version")
+    if url.startswith(("postgresql://", "postgres://")):
+        return PgFleetStore(url)
+    raise StoreError(_redact(url), "unknown store URL; use sqlite:///PATH or "
+                                   "postgresql://user@host/db")

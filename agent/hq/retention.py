@@ -19,9 +19,10 @@ the rejects are never touched:
 they are what a site's acks depend on. Fault counts per hour older than the
 cutoff go too.
 
-The SQL is plain (PostgreSQL takes it as it is); the SQLite version runs on a
-connection of its own, so the receiver's writes are only held up for one
-short transaction per (site, kind).
+The SQL is plain and the same on both backends: on SQLite it runs on a
+connection of its own, on PostgreSQL on the store's pool; either way the
+receiver's writes are only held up for one short transaction per
+DELETE_CHUNK rows of a (site, kind).
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ from typing import Protocol
 from agent.config import HqReceiverConfig
 from agent.envelope import iso_ms
 from agent.hq.fleet_store import hour_of
-from agent.hq.store import BUSY_TIMEOUT_S, Pair, StoreError, sqlite_path
+from agent.hq.store import BUSY_TIMEOUT_S, Pair, StoreError, _redact, sqlite_path
 
 log = logging.getLogger(__name__)
 
@@ -63,7 +64,58 @@ class RetentionResult:
     cutoff: str
 
 
-class SqliteRetention:
+class _Retention:
+    """The policy (which prefix of each pair may go); the backends below run the SQL."""
+
+    sinks: list[RetentionSink]
+
+    def close(self) -> None:
+        raise NotImplementedError
+
+    def run(self, days: float, now: float | None = None) -> RetentionResult:
+        """Delete what is older than ``days`` and allowed to go (see the module doc)."""
+        now = time.time() if now is None else now
+        cutoff = iso_ms(now - days * 86400)
+        needs: dict[Pair, int] = {}
+        for sink in self.sinks:
+            for pair, seq in sink.still_needs().items():
+                needs[pair] = min(seq, needs.get(pair, seq))
+        deleted = held = 0
+        # Per stream (site, kind, epoch): a row goes only at or below the watermark of
+        # the epoch it is filed under.
+        for site, kind, epoch, upto, young in self._limits(cutoff):
+            limit = upto if young is None else min(upto, young - 1)
+            needed = needs.get((site, kind))
+            if needed is not None and needed - 1 < limit:
+                limit = needed - 1
+                held += 1
+            deleted += self._delete_upto(site, kind, epoch, limit)
+        self._delete_faults(hour_of(now - days * 86400))
+        return RetentionResult(deleted, held, cutoff)
+
+    def _limits(self, cutoff: str) -> list[tuple[str, str, str, int, int | None]]:
+        """Per stream: its watermark and the pair's lowest seq with ``ts >= cutoff``
+        (or None)."""
+        raise NotImplementedError
+
+    def _delete_upto(self, site: str, kind: str, epoch: str, limit: int) -> int:
+        """Delete the stream's events with every seq they cover at or below ``limit``,
+        DELETE_CHUNK rows per transaction."""
+        raise NotImplementedError
+
+    def _delete_faults(self, hour: str) -> None:
+        raise NotImplementedError
+
+
+_LIMITS_SQL = ("SELECT site, kind, epoch, upto, (SELECT MIN(seq) FROM events e"
+               " WHERE e.site = m.site AND e.kind = m.kind AND e.ts >= {p})"
+               " FROM marks m WHERE upto > 0")
+_DELETE_SQL = ("DELETE FROM events WHERE site = {p} AND kind = {p} AND epoch = {p} AND"
+               " (seq, id) IN (SELECT seq, id FROM events WHERE site = {p} AND kind = {p}"
+               " AND epoch = {p} AND COALESCE(seq_end, seq) <= {p} ORDER BY seq LIMIT {p})")
+
+
+class SqliteRetention(_Retention):
     """Retention on the SQLite HQ store."""
 
     def __init__(self, url: str, sinks: Sequence[RetentionSink] = ()) -> None:
@@ -80,53 +132,25 @@ class SqliteRetention:
         self._conn.close()
 
     def run(self, days: float, now: float | None = None) -> RetentionResult:
-        """Delete what is older than ``days`` and allowed to go (see the module doc)."""
-        now = time.time() if now is None else now
-        cutoff = iso_ms(now - days * 86400)
-        needs: dict[Pair, int] = {}
-        for sink in self.sinks:
-            for pair, seq in sink.still_needs().items():
-                needs[pair] = min(seq, needs.get(pair, seq))
-        deleted = held = 0
         try:
-            # Per stream (site, kind, epoch: agent/hq/store.py): a row goes only at or
-            # below the watermark of the epoch it is filed under.
-            marks = self._conn.execute("SELECT site, kind, epoch, upto FROM marks").fetchall()
-            for site, kind, epoch, upto in marks:
-                limit = upto
-                young = self._conn.execute(
-                    "SELECT MIN(seq) FROM events WHERE site = ? AND kind = ? AND ts >= ?",
-                    (site, kind, cutoff)).fetchone()[0]
-                if young is not None:
-                    limit = min(limit, young - 1)
-                needed = needs.get((site, kind))
-                if needed is not None and needed - 1 < limit:
-                    limit = needed - 1
-                    held += 1
-                deleted += self._delete_upto(site, kind, epoch, limit)
-            self._conn.execute("BEGIN IMMEDIATE")
-            with suppress(sqlite3.OperationalError):  # no fleet tables in this store yet
-                self._conn.execute("DELETE FROM device_faults WHERE hour < ?",
-                                   (hour_of(now - days * 86400),))
-            self._conn.execute("COMMIT")
+            return super().run(days, now)
         except sqlite3.Error as exc:
             if self._conn.in_transaction:
                 with suppress(sqlite3.Error):
                     self._conn.execute("ROLLBACK")
             raise StoreError(self.path, f"retention failed: {exc}") from None
-        return RetentionResult(deleted, held, cutoff)
+
+    def _limits(self, cutoff: str) -> list[tuple[str, str, str, int, int | None]]:
+        return self._conn.execute(_LIMITS_SQL.format(p="?"), (cutoff,)).fetchall()
 
     def _delete_upto(self, site: str, kind: str, epoch: str, limit: int) -> int:
-        """Delete the stream's events with every seq they cover at or below ``limit``."""
         total = 0
         while True:
             self._conn.execute("BEGIN IMMEDIATE")
             try:
-                cur = self._conn.execute(
-                    "DELETE FROM events WHERE rowid IN ("
-                    " SELECT rowid FROM events WHERE site = ? AND kind = ? AND epoch = ?"
-                    " AND COALESCE(seq_end, seq) <= ? ORDER BY seq LIMIT ?)",
-                    (site, kind, epoch, limit, DELETE_CHUNK))
+                cur = self._conn.execute(_DELETE_SQL.format(p="?"),
+                                         (site, kind, epoch, site, kind, epoch, limit,
+                                          DELETE_CHUNK))
                 self._conn.execute("COMMIT")
             except BaseException:
                 if self._conn.in_transaction:
@@ -136,6 +160,68 @@ class SqliteRetention:
             total += cur.rowcount
             if cur.rowcount < DELETE_CHUNK:
                 return total
+
+    def _delete_faults(self, hour: str) -> None:
+        self._conn.execute("BEGIN IMMEDIATE")
+        with suppress(sqlite3.OperationalError):  # no fleet tables in this store yet
+            self._conn.execute("DELETE FROM device_faults WHERE hour < ?", (hour,))
+        self._conn.execute("COMMIT")
+
+
+class PgRetention(_Retention):
+    """Retention on the PostgreSQL HQ store, on the process's pool."""
+
+    def __init__(self, url: str, sinks: Sequence[RetentionSink] = ()) -> None:
+        from agent.hq.pgstore import shared_pool
+
+        self.url = url
+        self.location = _redact(url)
+        self.sinks = list(sinks)
+        self.pool = shared_pool(url)
+        self._closed = False
+
+    def close(self) -> None:
+        from agent.hq.pgstore import release_pool
+
+        if not self._closed:
+            self._closed = True
+            release_pool(self.url)
+
+    def run(self, days: float, now: float | None = None) -> RetentionResult:
+        import psycopg
+        from psycopg_pool import PoolTimeout
+
+        try:
+            return super().run(days, now)
+        except (psycopg.Error, PoolTimeout) as exc:
+            text = _redact(" ".join(str(exc).split()))[:300]
+            raise StoreError(self.location, f"retention failed: {text}") from None
+
+    def _limits(self, cutoff: str) -> list[tuple[str, str, str, int, int | None]]:
+        with self.pool.connection() as conn:
+            return [(s, k, e, int(u), None if y is None else int(y)) for s, k, e, u, y in
+                    conn.execute(_LIMITS_SQL.format(p="%s"), (cutoff,)).fetchall()]
+
+    def _delete_upto(self, site: str, kind: str, epoch: str, limit: int) -> int:
+        total = 0
+        while True:
+            with self.pool.connection() as conn, conn.transaction():
+                cur = conn.execute(_DELETE_SQL.format(p="%s"),
+                                   (site, kind, epoch, site, kind, epoch, limit, DELETE_CHUNK))
+            total += cur.rowcount
+            if cur.rowcount < DELETE_CHUNK:
+                return total
+
+    def _delete_faults(self, hour: str) -> None:
+        with self.pool.connection() as conn:
+            conn.execute("DELETE FROM device_faults WHERE hour < %s", (hour,))
+
+
+def open_retention(url: str, sinks: Sequence[RetentionSink] = ()) -> _Retention:
+    """Retention for the store named by ``[hq] store``."""
+    if url.startswith(("postgresql://", "postgres://")):
+        return PgRetention(url, sinks)
+    return SqliteRetention(url, sinks)
 
 
 def retention_sinks(cfg: HqReceiverConfig) -> list[RetentionSink]:
@@ -170,7 +256,7 @@ class RetentionRunner:
     def _run(self) -> None:
         while not self._stop.is_set():
             try:
-                retention = SqliteRetention(self.url, self.sinks)
+                retention = open_retention(self.url, self.sinks)
                 try:
                     result = retention.run(self.days, self.clock())
                 finally:

@@ -82,7 +82,7 @@ KIND_RE = re.compile(r"^[a-z][a-z0-9_-]{0,31}$")
 EPOCH_RE = re.compile(r"^[A-Za-z0-9._:-]{1,64}$")
 SCHEMA_VERSION = 2
 BUSY_TIMEOUT_S = 30.0
-PSYCOPG_HINT = "pip install 'psycopg[binary]'"
+PSYCOPG_HINT = "pip install 'psycopg[binary]' psycopg-pool"
 REJECT_HEAD_BYTES = 256   # how much of a rejected message is kept
 REJECT_TOPIC_CHARS = 512
 MAX_ID_CHARS = 128
@@ -858,27 +858,10 @@ def _subtract(span: tuple[int, int], ranges: list[tuple[int, int]]) -> list[tupl
     return pieces
 
 
-class PostgresStore:
-    """Placeholder for ``postgresql://`` stores: fails with a clear message.
-
-    The SQL above is close to portable (ON CONFLICT, window functions), but a
-    PostgreSQL store is not built or tested yet; it says so instead of
-    half-working.
-    """
-
-    def __init__(self, url: str) -> None:
-        try:
-            import psycopg  # type: ignore[import-not-found]  # noqa: F401
-        except ImportError:
-            raise StoreError(_redact(url), "PostgreSQL needs the psycopg package, which is not "
-                                           f"installed: {PSYCOPG_HINT}") from None
-        raise StoreError(_redact(url), "PostgreSQL stores are not supported by this version "
-                                       "yet; use [hq] store = \"sqlite:///PATH\"")
-
-
 def _redact(url: str) -> str:
     """The URL without a password, for messages."""
-    return re.sub(r"//([^:/@]+):[^@/]*@", r"//\1:***@", url)
+    url = re.sub(r"//([^:/@]*):[^@/]*@", r"//\1:***@", url)
+    return re.sub(r"(password=)[^&\s]*", r"\1***", url)
 
 
 def open_store(url: str, *, create: bool = True) -> Store:
@@ -886,6 +869,11 @@ def open_store(url: str, *, create: bool = True) -> Store:
     if url.startswith("sqlite:///"):
         return SqliteStore(sqlite_path(url), create=create)
     if url.startswith(("postgresql://", "postgres://")):
-        PostgresStore(url)
+        try:
+            from agent.hq.pgstore import PgStore
+        except ImportError as exc:
+            raise StoreError(_redact(url), f"PostgreSQL needs the psycopg packages, which are "
+                                           f"not installed ({exc.name}): {PSYCOPG_HINT}") from None
+        return PgStore(url, create=create)
     raise StoreError(_redact(url), "unknown store URL; use sqlite:///PATH or "
                                    "postgresql://user@host/db")
