@@ -217,6 +217,20 @@ def test_two_receivers_without_client_ids_share_the_load(broker: Broker, site: S
     assert sum(e["dups"] for e in events) == 0
 
 
+def test_a_stopped_receiver_leaves_the_share_group_at_once(broker: Broker, site: Site,
+                                                           tmp_path: Path) -> None:
+    """A receiver with a made-up client id that stops ends its session: the remaining one
+    gets every event at once (no share queued for the gone one until its session expires)."""
+    db = tmp_path / "hq.db"
+    gone, stays = HqReceiver(hq_cfg(broker.port, db)), HqReceiver(hq_cfg(broker.port, db))
+    with running(stays):
+        with running(gone):
+            pass
+        site.events(range(1, 21))
+        wait_for(lambda: site.upto() == 20, 5, what="every event acked by the remaining one")
+    assert stays.counters["stored"] == 20 and gone.counters["received"] == 0
+
+
 def test_a_shared_client_id_is_logged_once_as_a_takeover(
         broker: Broker, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     """Two receivers with one id on mosquitto 2.0 (it closes the socket without a reason):

@@ -730,7 +730,8 @@ class HqReceiver:
             self._publish_ack(stream, min(marks.get(stream, 0), heard.cap))
 
     def _shutdown(self) -> None:
-        """Let the last PUBACKs and acks leave, disconnect (the session stays), close."""
+        """Let the last PUBACKs and acks leave, disconnect (a set client id's session
+        stays; a made-up one's ends), close."""
         client = self._client
         deadline = time.monotonic() + STOP_FLUSH_S
 
@@ -745,7 +746,14 @@ class HqReceiver:
 
         drain()
         if client.socket() is not None:
-            client.disconnect()
+            props = None
+            if not self._persistent and self.cfg.mqtt.protocol == "5":
+                # A made-up id's session is never resumed: end it now. Left to expire,
+                # it stays in the share group and the broker queues this receiver's
+                # share of the events for nobody until then.
+                props = Properties(PacketTypes.DISCONNECT)  # type: ignore[no-untyped-call]
+                props.SessionExpiryInterval = 0
+            client.disconnect(properties=props)
             drain()
         self.subscribed.clear()
         if self._owns_store:
