@@ -25,7 +25,7 @@ from agent.errors import AgentError
 from agent.hq import receiver as receiver_mod
 from agent.hq.receiver import HqReceiver
 from agent.hq.report import format_report, report_main
-from agent.hq.store import EventRow, Reject, SqliteStore, StoreError, open_store
+from agent.hq.store import EventRow, Reject, SqliteStore, StoreError
 from agent.localbroker import Broker, make_tls_files, start_broker
 from tests.conftest import wait_for
 

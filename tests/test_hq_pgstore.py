@@ -50,8 +50,8 @@ def test_each_seq_once_and_duplicates_counted(store_url: str) -> None:
     """A (site, kind, seq) is stored once; repeats, in one batch or later, count as duplicates."""
     store = make_store(store_url)
     try:
-        assert store.store_batch([sale(1), sale(2), sale(3)]) == {(SITE, "sale"): 3}
-        assert store.store_batch([sale(2), sale(2), sale(4), sale(4)]) == {(SITE, "sale"): 4}
+        assert store.store_batch([sale(1), sale(2), sale(3)]) == {(SITE, "sale", ""): 3}
+        assert store.store_batch([sale(2), sale(2), sale(4), sale(4)]) == {(SITE, "sale", ""): 4}
         assert [e["seq"] for e in store.events(SITE, "sale")] == [1, 2, 3, 4]
         sale_kind = kinds_of(store.report())["sale"]
         assert (sale_kind["received"], sale_kind["duplicates"], sale_kind["gaps"]) == (4, 3, [])
@@ -64,31 +64,34 @@ def test_two_stores_on_one_database_advance_each_others_watermark(store_url: str
     """The watermark is computed from the database, so writers on one store see each other."""
     a, b = make_store(store_url), make_store(store_url)
     try:
-        assert a.store_batch([sale(1), sale(3)]) == {(SITE, "sale"): 1}
-        assert b.store_batch([sale(2)]) == {(SITE, "sale"): 3}
-        assert a.store_batch([sale(4)]) == {(SITE, "sale"): 4}
-        assert a.watermarks() == b.watermarks() == {(SITE, "sale"): 4}
+        assert a.store_batch([sale(1), sale(3)]) == {(SITE, "sale", ""): 1}
+        assert b.store_batch([sale(2)]) == {(SITE, "sale", ""): 3}
+        assert a.store_batch([sale(4)]) == {(SITE, "sale", ""): 4}
+        assert a.watermarks() == b.watermarks() == {(SITE, "sale", ""): 4}
     finally:
         a.close()
         b.close()
 
 
 def test_aggregates_lost_ranges_and_raw_rows_replaced(store_url: str) -> None:
-    """seq_end covers its range; lost passes the mark; an aggregate replaces its raw first seq."""
+    """seq_end covers its range; lost passes the mark; an aggregate and the raw reading at
+    its first seq are both kept (not a conflict)."""
     store = make_store(store_url)
     try:
         assert store.store_batch([sale(1, kind="sensor"), sale(2, kind="sensor", seq_end=5),
-                                  sale(6, kind="sensor")]) == {(SITE, "sensor"): 6}
-        assert store.store_batch([sale(1), sale(2), sale(6, lost=[3, 5])]) == {(SITE, "sale"): 6}
+                                  sale(6, kind="sensor")]) == {(SITE, "sensor", ""): 6}
+        marks = store.store_batch([sale(1), sale(2), sale(6, lost=[3, 5])])
+        assert marks == {(SITE, "sale", ""): 6}
         # seq 7 came raw, then (after an agent crash) as an aggregate 7..9
-        assert store.store_batch([sale(7, kind="sensor")]) == {(SITE, "sensor"): 7}
+        assert store.store_batch([sale(7, kind="sensor")]) == {(SITE, "sensor", ""): 7}
         assert store.store_batch([sale(7, kind="sensor", seq_end=9), sale(10, kind="sensor")]
-                                 ) == {(SITE, "sensor"): 10}
+                                 ) == {(SITE, "sensor", ""): 10}
         kinds = kinds_of(store.report())
         assert kinds["sale"]["lost"] == [[3, 5]] and kinds["sale"]["gaps"] == []
         sensor = kinds["sensor"]
-        assert (sensor["received"], sensor["first_seq"], sensor["last_seq"]) == (5, 1, 10)
+        assert (sensor["received"], sensor["first_seq"], sensor["last_seq"]) == (6, 1, 10)
         assert sensor["gaps"] == [] and store.counters["lost_ranges"] == 1
+        assert sensor["conflicts"] == 0 and store.conflicts() == []
     finally:
         store.close()
 
@@ -99,7 +102,7 @@ def test_floor_skips_only_what_is_not_held(store_url: str) -> None:
     try:
         store.store_batch([sale(3), sale(7, lost=[5, 6])])
         marks = store.store_batch([sale(10, floor=9), sale(11)])
-        assert marks == {(SITE, "sale"): 11}
+        assert marks == {(SITE, "sale", ""): 11}
         sale_kind = kinds_of(store.report())["sale"]
         assert sale_kind["skipped"] == [[1, 2], [4, 4], [8, 9]]
         assert sale_kind["gaps"] == [] and sale_kind["acked_upto"] == 11
@@ -116,8 +119,8 @@ def test_seqs_at_the_top_of_the_range(store_url: str) -> None:
     store = make_store(store_url)
     try:
         assert store.store_batch([sale(top - 1, floor=top - 2, ts=NOW)]
-                                 ) == {(SITE, "sale"): top - 1}
-        assert store.store_batch([sale(top, ts=NOW)]) == {(SITE, "sale"): top}
+                                 ) == {(SITE, "sale", ""): top - 1}
+        assert store.store_batch([sale(top, ts=NOW)]) == {(SITE, "sale", ""): top}
         assert kinds_of(store.report())["sale"]["gaps"] == []
     finally:
         store.close()
@@ -181,7 +184,7 @@ def test_concurrent_writers_store_every_seq_once(store_url: str) -> None:
     try:
         assert not errors
         # The last writer to commit for a pair saw every row: one more batch is not needed.
-        assert stores[0].watermarks() == {p: n for p in pairs}
+        assert stores[0].watermarks() == {(*p, ""): n for p in pairs}
         for site, kind in pairs:
             assert [e["seq"] for e in stores[0].events(site, kind)] == list(range(1, n + 1))
         assert sum(s.counters["stored"] for s in stores) == 3 * n
@@ -231,7 +234,7 @@ def test_retention_on_both(store_url: str) -> None:
         finally:
             retention.close()
         assert [e["seq"] for e in store.events("co-a", "sale")] == [7, 8, 9]
-        assert store.store_batch([sale(6, site="co-a", ts=NOW)]) == {("co-a", "sale"): 9}
+        assert store.store_batch([sale(6, site="co-a", ts=NOW)]) == {("co-a", "sale", ""): 9}
     finally:
         store.close()
 
@@ -263,6 +266,34 @@ def test_migrations_are_numbered_recorded_and_applied_once(pg_url: str) -> None:
     open_store(pg_url).close()
     assert _sql(pg_url, "SELECT version, name, applied_at FROM schema_version ORDER BY 1") \
         == first
+
+
+def test_a_version_1_database_is_migrated_to_version_2(pg_url: str) -> None:
+    """A PostgreSQL store made before epochs (schema 1) opens with its rows, marks and lost
+    ranges as epoch '', then stores, dedups and reports as schema 2 does."""
+    first = pgstore.migrations()[0]
+    env = envelope(1)
+    with psycopg.connect(pg_url, autocommit=True) as conn:
+        conn.execute("CREATE TABLE schema_version (version integer PRIMARY KEY, name text"
+                     " NOT NULL, applied_at timestamptz NOT NULL DEFAULT now())")
+        conn.execute(first.sql.encode())
+        conn.execute("INSERT INTO schema_version (version, name) VALUES (1, %s)", (first.name,))
+        conn.execute("INSERT INTO events VALUES (%s, 'sale', 1, NULL, %s, %s, %s, %s, 2)",
+                     (SITE, env["id"], env["ts"], env["ts"], json.dumps(env)))
+        conn.execute("INSERT INTO marks VALUES (%s, 'sale', 1)", (SITE,))
+        conn.execute("INSERT INTO lost VALUES (%s, 'sale', 3, 4, 5, %s, %s)",
+                     (SITE, env["ts"], env["ts"]))
+    store = make_store(pg_url)
+    try:
+        assert _sql(pg_url, "SELECT max(version) FROM schema_version") == [
+            (len(pgstore.migrations()),)]
+        assert store.watermarks() == {(SITE, "sale", ""): 1}
+        assert store.store_batch([envelope(1), envelope(2)]) == {(SITE, "sale", ""): 4}
+        sale = kinds_of(store.report())["sale"]
+        assert (sale["received"], sale["duplicates"], sale["conflicts"]) == (2, 3, 0)
+        assert sale["lost"] == [[3, 4]] and sale["epochs"] == 1
+    finally:
+        store.close()
 
 
 _MIGRATE = """
@@ -342,7 +373,7 @@ def test_a_failed_write_stores_nothing_and_is_a_store_error(pg_url: str) -> None
         with pytest.raises(StoreError, match="nothing stored"):
             store.store_batch([sale(2), sale(3, lost=[4, 6]), sale(7)])
         assert [e["seq"] for e in store.events(SITE, "sale")] == [1]
-        assert store.watermarks() == {(SITE, "sale"): 1}
+        assert store.watermarks() == {(SITE, "sale", ""): 1}
         assert _sql(pg_url, "SELECT count(*) FROM lost") == [(0,)]
     finally:
         store.close()

@@ -12,6 +12,7 @@ import pytest
 from agent.hq.receiver import Heard
 from agent.hq.report import format_report, has_problems
 from agent.hq.store import Reject, SqliteStore, StoreError, event_row
+from tests.conftest import make_store
 from tests.test_hq import IDS, SITE, envelope
 
 
@@ -20,8 +21,9 @@ def kinds_of(report: dict[str, Any], site: str = SITE) -> dict[str, dict[str, An
 
 
 @pytest.fixture
-def hq(tmp_path: Path) -> Any:
-    store = SqliteStore(str(tmp_path / "hq.db"))
+def hq(store_url: str) -> Any:
+    """An empty store on each backend in turn (SQLite, PostgreSQL): the same semantics."""
+    store = make_store(store_url)
     yield store
     store.close()
 

@@ -13,19 +13,22 @@ How it differs inside:
   fleet tables, retention). Connections are autocommit; a write opens its own
   transaction. :attr:`PgStore.pool` is public, for other HQ parts that keep
   their own tables in this database (see :func:`shared_pool`).
-- **Batches**: one ``INSERT ... SELECT FROM unnest(...) ON CONFLICT DO NOTHING
-  RETURNING`` per batch, sent in pipeline mode with the ``lost`` insert and the
-  locking of the batch's ``marks`` rows, so a batch costs a few round trips
-  whatever its size.
-- **Many receivers**: each (site, kind) has a ``marks`` row, locked
-  (``SELECT ... FOR UPDATE``, in sorted order, so two batches never deadlock on
-  them) after the batch's rows are inserted and before the watermark is
-  computed. In READ COMMITTED every statement after the lock sees what the
-  previous holder committed, so whichever receiver commits last for a pair
-  computes the watermark over every stored row, as SQLite's ``BEGIN
-  IMMEDIATE`` gives. The walk over contiguous rows runs in the server
-  (``hq_cover`` in the first migration). A deadlock or serialization failure
-  (duplicate rows of one batch racing another's) is retried.
+- **Many receivers**: a batch first takes a transaction-scoped advisory lock
+  per (site, kind) it touches (``pg_advisory_xact_lock``, in one global order, so
+  two batches never deadlock). That is SQLite's ``BEGIN IMMEDIATE`` narrowed to
+  the pairs: in READ COMMITTED every statement after the lock sees what the
+  previous holder committed, so duplicates, conflicts and the watermark are
+  decided over every stored row, whichever receiver got the message.
+- **Batches**: the rows already held at the batch's (site, kind, seq)s are read
+  in one statement; what each envelope is (new, duplicate, moved to a new epoch,
+  conflict) is worked out in Python exactly as SQLite's loop does
+  (:class:`_Plan`); then one ``INSERT ... SELECT FROM unnest(...) ON CONFLICT DO
+  NOTHING RETURNING`` per table (events, conflicts, lost, rejects) and one
+  ``UPDATE`` for duplicates, sent in pipeline mode, so a batch costs a few round
+  trips whatever its size. The walk over contiguous rows runs in the server
+  (``hq_cover``, per (site, kind, epoch) since migration 0002).
+- The reading side (the report, conflicts, rejects, events) is the SQLite
+  store's SQL (:class:`agent.hq.store.StoreReads`), so the answers are the same.
 - **Migrations**: numbered SQL files in ``agent/hq/pg_migrations``
   (``0001_store.sql``, ...), applied in order, each in its own transaction
   under an advisory lock (receivers starting together apply each once), and
@@ -36,7 +39,7 @@ How it differs inside:
 
 from __future__ import annotations
 
-import json
+import hashlib
 import re
 import threading
 import time
@@ -54,13 +57,13 @@ from agent.envelope import iso_ms
 from agent.hq.store import (
     EventRow,
     Pair,
+    Reject,
     StoreError,
+    StoreReads,
+    Stream,
     _holes,
     _redact,
-    _subtract,
-    canonical_time,
     event_row,
-    parse_time,
 )
 
 POOL_MIN = 1
@@ -71,7 +74,8 @@ WRITE_RETRIES = 5          # deadlocks and serialization failures: retried, then
 MIGRATION_LOCK = 0x65646765_68710001  # pg_advisory_xact_lock key ("edgehq" 1)
 APPLICATION_NAME = "edge-agent-hq"
 # Our tables: a database holding one of them without schema_version is not ours.
-TABLES = ("events", "marks", "lost", "skipped", "sites_state", "device_faults")
+TABLES = ("events", "marks", "lost", "skipped", "conflicts", "rejects", "sites_state",
+          "device_faults")
 
 
 @dataclass(frozen=True)
@@ -222,7 +226,7 @@ def _message(exc: BaseException) -> str:
 _RETRY = (pg_errors.DeadlockDetected, pg_errors.SerializationFailure)
 
 
-class PgStore:
+class PgStore(StoreReads):
     """The PostgreSQL store; thread-safe (pooled), any number of processes per database."""
 
     def __init__(self, url: str, *, create: bool = True, clock: Any = time.time) -> None:
@@ -230,7 +234,8 @@ class PgStore:
         self.location = _redact(url)
         self._clock = clock
         self.counters: dict[str, int] = {"stored": 0, "duplicates": 0, "lost_ranges": 0,
-                                         "skipped_ranges": 0, "batches": 0, "retries": 0}
+                                         "skipped_ranges": 0, "batches": 0, "conflicts": 0,
+                                         "rejected": 0, "adopted": 0, "retries": 0}
         self.stored_by_kind: dict[str, int] = {}  # for HQ's metrics (agent/hq/metrics.py)
         self.pool = shared_pool(url, create=create)
         self._closed = False
@@ -252,9 +257,10 @@ class PgStore:
 
     # -- writing ---------------------------------------------------------
 
-    def store_batch(self, envelopes: Sequence[Mapping[str, Any] | EventRow]
-                    ) -> dict[Pair, int]:
-        """Store a batch in one transaction; the watermark of every touched pair.
+    def store_batch(self, envelopes: Sequence[Mapping[str, Any] | EventRow],
+                    rejects: Sequence[Reject] = ()) -> dict[Stream, int]:
+        """Store a batch and ``rejects`` in one transaction; the watermark of every
+        touched (site, kind, epoch).
 
         As :meth:`agent.hq.store.SqliteStore.store_batch`: committed (durably:
         ``synchronous_commit`` is the server's, on by default) before it returns,
@@ -262,15 +268,13 @@ class PgStore:
         when the database fails.
         """
         rows = [env if isinstance(env, EventRow) else event_row(env) for env in envelopes]
-        if not rows:
+        if not rows and not rejects:
             return {}
         now = iso_ms(self._clock())
-        # Sorted, so concurrent batches take row locks in one order.
-        rows.sort(key=lambda r: (r.site, r.kind, r.seq))
         for attempt in range(WRITE_RETRIES):
             try:
                 with self.connection() as conn:
-                    result = self._write(conn, rows, now)
+                    result = self._write(conn, rows, rejects, now)
                 break
             except _RETRY as exc:
                 self.counters["retries"] += 1
@@ -280,302 +284,286 @@ class PgStore:
             except psycopg.Error as exc:
                 raise StoreError(self.location,
                                  f"write failed, nothing stored: {_message(exc)}") from None
-        marks, stored, dups, lost, skipped, new_by_kind = result
-        self.counters["stored"] += stored
+        marks, tally, new_by_kind = result
+        c = self.counters
+        for key, n in tally.items():
+            c[key] += n
         for kind, n in new_by_kind.items():
             self.stored_by_kind[kind] = self.stored_by_kind.get(kind, 0) + n
-        self.counters["skipped_ranges"] += skipped
-        self.counters["duplicates"] += dups
-        self.counters["lost_ranges"] += lost
-        self.counters["batches"] += 1
+        c["rejected"] += len(rejects)
+        c["batches"] += 1
         return marks
 
-    def _write(self, conn: psycopg.Connection[Any], rows: list[EventRow], now: str
-               ) -> tuple[dict[Pair, int], int, int, int, int, dict[str, int]]:
+    def _write(self, conn: psycopg.Connection[Any], rows: list[EventRow],
+               rejects: Sequence[Reject], now: str
+               ) -> tuple[dict[Stream, int], dict[str, int], dict[str, int]]:
         pairs = sorted({r.pair for r in rows})
-        sites, kinds = [p[0] for p in pairs], [p[1] for p in pairs]
-        lost_rows = [r for r in rows if r.lost is not None]
         with conn.transaction():
+            if pairs:
+                # One writer per (site, kind) at a time (module docstring), locks taken
+                # in one global order so two batches never deadlock; executemany runs
+                # them in one pipeline.
+                keys = sorted({_lock_key(p) for p in pairs})
+                with conn.cursor() as cur:
+                    cur.executemany("SELECT pg_advisory_xact_lock(%s)", [(k,) for k in keys])
+            held = self._held(conn, rows)
+            plan = _Plan(rows, held)
+            tally = {"stored": 0, "duplicates": plan.dups, "adopted": plan.adopted,
+                     "lost_ranges": 0, "conflicts": 0, "skipped_ranges": 0}
+            streams = sorted({r.stream for r in rows})
             with conn.pipeline():
-                inserted_cur = conn.execute(
-                    "INSERT INTO events (site, kind, seq, seq_end, id, ts, received_at, payload)"
-                    " SELECT s, k, q, e, i, t, %s, p FROM unnest(%s::text[], %s::text[],"
-                    " %s::bigint[], %s::bigint[], %s::text[], %s::text[], %s::text[])"
-                    " AS x(s, k, q, e, i, t, p)"
-                    " ON CONFLICT DO NOTHING RETURNING site, kind, seq",
-                    (now, [r.site for r in rows], [r.kind for r in rows], [r.seq for r in rows],
-                     [r.seq_end for r in rows], [r.id for r in rows], [r.ts for r in rows],
-                     [r.payload for r in rows]))
+                if plan.updates:
+                    ups = sorted(plan.updates.items())
+                    conn.execute(
+                        "UPDATE events e SET epoch = x.ne, dups = e.dups + x.n"
+                        " FROM unnest(%s::text[], %s::text[], %s::text[], %s::bigint[],"
+                        " %s::text[], %s::text[], %s::int[]) AS x(s, k, oe, q, i, ne, n)"
+                        " WHERE e.site = x.s AND e.kind = x.k AND e.epoch = x.oe"
+                        " AND e.seq = x.q AND e.id = x.i",
+                        ([k[0] for k, _ in ups], [k[1] for k, _ in ups], [k[2] for k, _ in ups],
+                         [k[3] for k, _ in ups], [k[4] for k, _ in ups],
+                         [v[0] for _, v in ups], [v[1] for _, v in ups]))
+                new = plan.new
+                stored_cur = conn.execute(
+                    "INSERT INTO events (site, kind, epoch, seq, seq_end, id, ts, received_at,"
+                    " payload, dups, unproven) SELECT s, k, ep, q, e, i, t, %s, p, d, u"
+                    " FROM unnest(%s::text[], %s::text[], %s::text[], %s::bigint[],"
+                    " %s::bigint[], %s::text[], %s::text[], %s::text[], %s::int[], %s::int[])"
+                    " AS x(s, k, ep, q, e, i, t, p, d, u)"
+                    " ON CONFLICT DO NOTHING RETURNING kind",
+                    (now, [n.row.site for n in new], [n.row.kind for n in new],
+                     [n.epoch for n in new], [n.row.seq for n in new],
+                     [n.row.seq_end for n in new], [n.row.id for n in new],
+                     [n.row.ts for n in new], [n.row.payload for n in new],
+                     [n.dups for n in new], [int(n.row.unproven) for n in new]))
+                conflicts_cur = None
+                if plan.conflicts:
+                    cf = plan.conflicts
+                    conflicts_cur = conn.execute(
+                        "INSERT INTO conflicts (site, kind, seq, epoch, id, other_epoch, other_id,"
+                        " ts, received_at) SELECT s, k, q, e, i, oe, oi, t, %s FROM"
+                        " unnest(%s::text[], %s::text[], %s::bigint[], %s::text[], %s::text[],"
+                        " %s::text[], %s::text[], %s::text[]) AS x(s, k, q, e, i, oe, oi, t)"
+                        " ON CONFLICT DO NOTHING RETURNING 1",
+                        (now, *([c[n] for c in cf] for n in range(8))))
+                lost_rows = [r for r in rows if r.lost is not None]
                 lost_cur = None
                 if lost_rows:
                     lost_cur = conn.execute(
-                        "INSERT INTO lost (site, kind, from_seq, to_seq, seq, ts, received_at)"
-                        " SELECT s, k, a, b, q, t, %s FROM unnest(%s::text[], %s::text[],"
-                        " %s::bigint[], %s::bigint[], %s::bigint[], %s::text[])"
-                        " AS x(s, k, a, b, q, t) ON CONFLICT DO NOTHING RETURNING 1",
+                        "INSERT INTO lost (site, kind, epoch, from_seq, to_seq, seq, ts,"
+                        " received_at) SELECT s, k, ep, a, b, q, t, %s FROM unnest(%s::text[],"
+                        " %s::text[], %s::text[], %s::bigint[], %s::bigint[], %s::bigint[],"
+                        " %s::text[]) AS x(s, k, ep, a, b, q, t) ON CONFLICT DO NOTHING"
+                        " RETURNING 1",
                         (now, [r.site for r in lost_rows], [r.kind for r in lost_rows],
+                         [r.epoch for r in lost_rows],
                          [r.lost[0] for r in lost_rows if r.lost],
                          [r.lost[1] for r in lost_rows if r.lost],
                          [r.seq for r in lost_rows], [r.ts for r in lost_rows]))
-                # The pairs' marks rows are their write locks (see the module docstring).
-                conn.execute(
-                    "INSERT INTO marks (site, kind, upto) SELECT s, k, 0 FROM"
-                    " unnest(%s::text[], %s::text[]) AS x(s, k) ORDER BY s, k"
-                    " ON CONFLICT DO NOTHING", (sites, kinds))
+                if rejects:
+                    conn.execute(
+                        "INSERT INTO rejects (received_at, topic, site, kind, reason, size, head)"
+                        " SELECT %s, tp, s, k, rs, n, h FROM unnest(%s::text[], %s::text[],"
+                        " %s::text[], %s::text[], %s::bigint[], %s::bytea[])"
+                        " WITH ORDINALITY AS x(tp, s, k, rs, n, h, o) ORDER BY o",
+                        (now, [_pg_text(r.topic) for r in rejects],
+                         [_pg_text(r.site) for r in rejects], [_pg_text(r.kind) for r in rejects],
+                         [_pg_text(r.reason) for r in rejects], [r.size for r in rejects],
+                         [r.head for r in rejects]))
                 marks_cur = conn.execute(
-                    "SELECT site, kind, upto FROM marks WHERE (site, kind) IN"
-                    " (SELECT * FROM unnest(%s::text[], %s::text[]))"
-                    " ORDER BY site, kind FOR UPDATE", (sites, kinds))
-                inserted = {(s, k, q) for s, k, q in inserted_cur.fetchall()}
-                lost = len(lost_cur.fetchall()) if lost_cur is not None else 0
-                start = {(s, k): int(u) for s, k, u in marks_cur.fetchall()}
-            stored, dups, new_by_kind = self._settle(conn, rows, inserted)
-            marks, skipped = self._advance(conn, pairs, start, rows, now)
-        return marks, stored, dups, lost, skipped, new_by_kind
-
-    def _settle(self, conn: psycopg.Connection[Any], rows: list[EventRow],
-                inserted: set[tuple[str, str, int]]) -> tuple[int, int, dict[str, int]]:
-        """Count what was inserted; upgrade raw rows to aggregates; count duplicates."""
-        stored = 0
-        new_by_kind: dict[str, int] = {}
-        claimed: set[tuple[str, str, int]] = set()
-        upgrades: dict[tuple[str, str, int], EventRow] = {}
-        repeats: dict[tuple[str, str, int], int] = {}
-        for row in rows:
-            key = (row.site, row.kind, row.seq)
-            if key in inserted and key not in claimed:
-                claimed.add(key)
-                stored += 1
-                new_by_kind[row.kind] = new_by_kind.get(row.kind, 0) + 1
-            elif row.seq_end is not None:
-                # An aggregate whose first seq arrived raw before (published, then
-                # thinned after an agent crash): it replaces the raw row, or the
-                # coverage of seq+1..seq_end would be lost (as in SqliteStore). One
-                # per key: the widest; the others are duplicates.
-                best = upgrades.get(key)
-                if best is None or (best.seq_end or 0) < row.seq_end:
-                    if best is not None:
-                        repeats[key] = repeats.get(key, 0) + 1
-                    upgrades[key] = row
-                else:
-                    repeats[key] = repeats.get(key, 0) + 1
-            else:
-                repeats[key] = repeats.get(key, 0) + 1
-        if upgrades:
-            ups = list(upgrades.values())
-            done = {(s, k, q) for s, k, q in conn.execute(
-                "UPDATE events e SET seq_end = x.e, id = x.i, ts = x.t, payload = x.p"
-                " FROM unnest(%s::text[], %s::text[], %s::bigint[], %s::bigint[], %s::text[],"
-                " %s::text[], %s::text[]) AS x(s, k, q, e, i, t, p)"
-                " WHERE e.site = x.s AND e.kind = x.k AND e.seq = x.q"
-                " AND coalesce(e.seq_end, e.seq) < x.e RETURNING e.site, e.kind, e.seq",
-                ([r.site for r in ups], [r.kind for r in ups], [r.seq for r in ups],
-                 [r.seq_end for r in ups], [r.id for r in ups], [r.ts for r in ups],
-                 [r.payload for r in ups])).fetchall()}
-            for key in upgrades:
-                if key in done:
-                    stored += 1
-                else:
-                    repeats[key] = repeats.get(key, 0) + 1
-        if repeats:
-            keys = sorted(repeats)
-            conn.execute(
-                "UPDATE events e SET dups = e.dups + x.n FROM unnest(%s::text[], %s::text[],"
-                " %s::bigint[], %s::int[]) AS x(s, k, q, n)"
-                " WHERE e.site = x.s AND e.kind = x.k AND e.seq = x.q",
-                ([k[0] for k in keys], [k[1] for k in keys], [k[2] for k in keys],
-                 [repeats[k] for k in keys]))
-        return stored, sum(repeats.values()), new_by_kind
-
-    def _advance(self, conn: psycopg.Connection[Any], pairs: list[Pair],
-                 start: dict[Pair, int], rows: list[EventRow], now: str
-                 ) -> tuple[dict[Pair, int], int]:
-        """Move each pair's watermark over contiguous coverage and over a ``floor``
-        above it (as SqliteStore._advance); its marks row is locked already."""
-        # Aggregates of this batch that start at or below the mark yet reach past it.
-        extra: dict[Pair, list[tuple[int, int]]] = {}
-        for r in rows:
-            if r.seq <= start[r.pair] < r.end:
-                extra.setdefault(r.pair, []).append((r.seq, r.end))
-        upto = self._cover(conn, pairs, [start[p] for p in pairs], extra)
-        skipped = 0
-        floors: dict[Pair, EventRow] = {}
-        for r in rows:
-            if r.floor is not None and r.floor > upto[r.pair] and (
-                    r.pair not in floors or (floors[r.pair].floor or 0) < r.floor):
-                floors[r.pair] = r
-        for pair, floor_row in floors.items():
-            assert floor_row.floor is not None
-            new, ranges = self._raise_to_floor(conn, pair, upto[pair], floor_row, now,
-                                               extra.get(pair, []))
-            upto[pair] = new
-            skipped += ranges
-        changed = [p for p in pairs if upto[p] != start[p]]
-        if changed:
-            conn.execute(
-                "UPDATE marks m SET upto = x.u FROM unnest(%s::text[], %s::text[],"
-                " %s::bigint[]) AS x(s, k, u)"
-                " WHERE m.site = x.s AND m.kind = x.k AND x.u > m.upto",
-                ([p[0] for p in changed], [p[1] for p in changed], [upto[p] for p in changed]))
-        return {p: upto[p] for p in pairs}, skipped
+                    "SELECT site, kind, epoch, upto FROM marks WHERE (site, kind, epoch) IN"
+                    " (SELECT * FROM unnest(%s::text[], %s::text[], %s::text[]))",
+                    ([s[0] for s in streams], [s[1] for s in streams], [s[2] for s in streams]))
+                new_by_kind: dict[str, int] = {}
+                for (kind,) in stored_cur.fetchall():
+                    tally["stored"] += 1
+                    new_by_kind[kind] = new_by_kind.get(kind, 0) + 1
+                if conflicts_cur is not None:
+                    tally["conflicts"] = len(conflicts_cur.fetchall())
+                if lost_cur is not None:
+                    tally["lost_ranges"] = len(lost_cur.fetchall())
+                start = {(s, k, e): int(u) for s, k, e, u in marks_cur.fetchall()}
+            marks, tally["skipped_ranges"] = self._advance(conn, streams, start, rows, now)
+        return marks, tally, new_by_kind
 
     @staticmethod
-    def _cover(conn: psycopg.Connection[Any], pairs: list[Pair], marks: list[int],
-               extra: Mapping[Pair, list[tuple[int, int]]]) -> dict[Pair, int]:
-        """``hq_cover`` for every pair in one statement."""
-        index = {p: n for n, p in enumerate(pairs, 1)}
-        xi = [index[p] for p, ranges in extra.items() for _ in ranges]
+    def _held(conn: psycopg.Connection[Any], rows: list[EventRow]
+              ) -> dict[tuple[str, str, int], list[tuple[str, str, int | None]]]:
+        """The rows already stored at each (site, kind, seq) of the batch, any epoch."""
+        keys = sorted({(r.site, r.kind, r.seq) for r in rows})
+        held: dict[tuple[str, str, int], list[tuple[str, str, int | None]]] = {}
+        if not keys:
+            return held
+        for s, k, q, e, i, end in conn.execute(
+                "SELECT e.site, e.kind, e.seq, e.epoch, e.id, e.seq_end FROM events e"
+                " JOIN unnest(%s::text[], %s::text[], %s::bigint[]) AS x(s, k, q)"
+                " ON e.site = x.s AND e.kind = x.k AND e.seq = x.q ORDER BY e.received_at, e.id",
+                ([k[0] for k in keys], [k[1] for k in keys], [k[2] for k in keys])).fetchall():
+            held.setdefault((s, k, int(q)), []).append((e, i, None if end is None else int(end)))
+        return held
+
+    def _advance(self, conn: psycopg.Connection[Any], streams: list[Stream],
+                 start: dict[Stream, int], rows: list[EventRow], now: str
+                 ) -> tuple[dict[Stream, int], int]:
+        """Move each stream's watermark over contiguous coverage and over a ``floor``
+        above it (as SqliteStore._advance), and note when each was heard."""
+        marks = {s: start.get(s, 0) for s in streams}
+        # Aggregates of this batch that start at or below the mark yet reach past it.
+        extra: dict[Stream, list[tuple[int, int]]] = {}
+        for r in rows:
+            if r.seq <= marks[r.stream] < r.end:
+                extra.setdefault(r.stream, []).append((r.seq, r.end))
+        upto = self._cover(conn, streams, [marks[s] for s in streams], extra)
+        skipped = 0
+        floors: dict[Stream, EventRow] = {}
+        for r in rows:
+            if r.floor is not None and (r.stream not in floors
+                                        or (floors[r.stream].floor or 0) < r.floor):
+                floors[r.stream] = r
+        for stream, floor_row in sorted(floors.items()):
+            if (floor_row.floor or 0) > upto[stream]:
+                upto[stream], ranges = self._raise_to_floor(conn, stream, upto[stream],
+                                                            floor_row, now,
+                                                            extra.get(stream, []))
+                skipped += ranges
+        # Also when the mark stays: heard_at says which run of the outbox is sending now.
+        conn.execute(
+            "INSERT INTO marks (site, kind, epoch, upto, heard_at) SELECT s, k, e, u, %s"
+            " FROM unnest(%s::text[], %s::text[], %s::text[], %s::bigint[]) AS x(s, k, e, u)"
+            " ON CONFLICT (site, kind, epoch) DO UPDATE SET heard_at = excluded.heard_at,"
+            " upto = greatest(marks.upto, excluded.upto)",
+            (now, [s[0] for s in streams], [s[1] for s in streams], [s[2] for s in streams],
+             [upto[s] for s in streams]))
+        return upto, skipped
+
+    @staticmethod
+    def _cover(conn: psycopg.Connection[Any], streams: list[Stream], marks: list[int],
+               extra: Mapping[Stream, list[tuple[int, int]]]) -> dict[Stream, int]:
+        """``hq_cover`` for every stream in one statement."""
+        index = {s: n for n, s in enumerate(streams, 1)}
+        xi = [index[s] for s, ranges in extra.items() for _ in ranges]
         xa = [a for ranges in extra.values() for a, _ in ranges]
         xb = [b for ranges in extra.values() for _, b in ranges]
         found = conn.execute(
-            "SELECT x.n, hq_cover(x.s, x.k, x.u,"
+            "SELECT x.n, hq_cover(x.s, x.k, x.e, x.u,"
             " ARRAY(SELECT a FROM unnest(%s::int[], %s::bigint[]) AS y(i, a) WHERE y.i = x.n),"
             " ARRAY(SELECT b FROM unnest(%s::int[], %s::bigint[]) AS y(i, b) WHERE y.i = x.n))"
-            " FROM unnest(%s::text[], %s::text[], %s::bigint[]) WITH ORDINALITY AS x(s, k, u, n)",
-            (xi, xa, xi, xb, [p[0] for p in pairs], [p[1] for p in pairs], marks)).fetchall()
-        return {pairs[n - 1]: int(u) for n, u in found}
+            " FROM unnest(%s::text[], %s::text[], %s::text[], %s::bigint[])"
+            " WITH ORDINALITY AS x(s, k, e, u, n)",
+            (xi, xa, xi, xb, [s[0] for s in streams], [s[1] for s in streams],
+             [s[2] for s in streams], marks)).fetchall()
+        return {streams[n - 1]: int(u) for n, u in found}
 
-    def _raise_to_floor(self, conn: psycopg.Connection[Any], pair: Pair, upto: int,
+    def _raise_to_floor(self, conn: psycopg.Connection[Any], stream: Stream, upto: int,
                         floor_row: EventRow, now: str, extra: list[tuple[int, int]]
                         ) -> tuple[int, int]:
         """A floor above the watermark: record what of ``upto+1..floor`` this store does
-        not hold as skipped, and cover from the floor on."""
-        site, kind = pair
+        not hold under any epoch (and no other stream of the pair acked) as skipped,
+        and cover from the floor on."""
+        site, kind, epoch = stream
         floor = floor_row.floor
         assert floor is not None
         lost = [(int(a), int(b)) for a, b in conn.execute(
-            "SELECT from_seq, to_seq FROM lost WHERE site = %s AND kind = %s AND to_seq > %s",
-            (site, kind, upto)).fetchall()]
-        # Rows stored between the mark and the floor (late arrivals, or the far
+            "SELECT from_seq, to_seq FROM lost WHERE site = %s AND kind = %s AND epoch = %s"
+            " AND to_seq > %s", (site, kind, epoch, upto)).fetchall()]
+        row = conn.execute("SELECT max(upto) FROM marks WHERE site = %s AND kind = %s"
+                           " AND epoch <> %s", stream).fetchone()
+        acked_elsewhere = int(row[0]) if row and row[0] is not None else 0
+        scan_from = max(upto, min(acked_elsewhere, floor))
+        # Rows of any epoch between the mark and the floor (late arrivals, the far
         # side of a gap), streamed by a server-side cursor: there may be many.
         with conn.cursor(name="edge_hq_held") as held:
             held.itersize = 2000
             held.execute("SELECT seq, coalesce(seq_end, seq) FROM events WHERE site = %s"
                          " AND kind = %s AND seq > %s AND seq <= %s ORDER BY seq",
-                         (site, kind, upto, floor))
-            pieces, reach = _holes((upto + 1, floor), ((int(a), int(b)) for a, b in held), lost)
+                         (site, kind, scan_from, floor))
+            pieces, _ = _holes((scan_from + 1, floor),
+                               ((int(a), int(b)) for a, b in held), lost)
         skipped = 0
         if pieces:
             skipped = len(conn.execute(
-                "INSERT INTO skipped (site, kind, from_seq, to_seq, seq, ts, received_at)"
-                " SELECT %s, %s, a, b, %s, %s, %s FROM unnest(%s::bigint[], %s::bigint[])"
+                "INSERT INTO skipped (site, kind, epoch, from_seq, to_seq, seq, ts, received_at)"
+                " SELECT %s, %s, %s, a, b, %s, %s, %s FROM unnest(%s::bigint[], %s::bigint[])"
                 " AS x(a, b) ON CONFLICT DO NOTHING RETURNING 1",
-                (site, kind, floor_row.seq, floor_row.ts, now, [a for a, _ in pieces],
+                (site, kind, epoch, floor_row.seq, floor_row.ts, now, [a for a, _ in pieces],
                  [b for _, b in pieces])).fetchall())
-        covered = self._cover(conn, [pair], [max(floor, reach)], {pair: extra})
-        return covered[pair], skipped
+        # A row of this stream may start at or below the floor and reach past it.
+        row = conn.execute(
+            "SELECT max(coalesce(seq_end, seq)) FROM events WHERE site = %s AND kind = %s"
+            " AND epoch = %s AND seq > %s AND seq <= %s", (*stream, upto, floor)).fetchone()
+        reach = int(row[0]) if row and row[0] is not None else 0
+        covered = self._cover(conn, [stream], [max(floor, reach)], {stream: extra})
+        return covered[stream], skipped
 
     # -- reading ---------------------------------------------------------
 
     def _read(self, sql: str, params: Sequence[Any] = ()) -> list[Any]:
+        """The shared SQL of StoreReads (qmark parameters) on a pooled connection."""
         try:
             with self.connection() as conn:
-                return conn.execute(sql, params).fetchall()
+                return conn.execute(sql.replace("?", "%s"), params).fetchall()
         except psycopg.Error as exc:
             raise StoreError(self.location, f"read failed: {_message(exc)}") from None
 
-    def watermarks(self) -> dict[Pair, int]:
-        """The committed watermark of every (site, kind), as every receiver sees it."""
-        return {(s, k): int(u) for s, k, u in
-                self._read("SELECT site, kind, upto FROM marks WHERE upto > 0")}
 
-    def events(self, site: str, kind: str) -> list[dict[str, Any]]:
-        """Every stored event of a pair in seq order (for tests and debugging)."""
-        rows = self._read("SELECT seq, seq_end, id, ts, received_at, dups, payload FROM events"
-                          " WHERE site = %s AND kind = %s ORDER BY seq", (site, kind))
-        return [{"seq": seq, "seq_end": seq_end, "id": eid, "ts": ts, "received_at": rec,
-                 "dups": dups, "envelope": json.loads(payload)}
-                for seq, seq_end, eid, ts, rec, dups, payload in rows]
-
-    def report(self, site: str | None = None, since: str | None = None,
-               now: float | None = None, until: str | None = None) -> dict[str, Any]:
-        """CONTRACT 8's report: the same as :meth:`agent.hq.store.SqliteStore.report`."""
-        since_text = canonical_time(since) if since else None
-        window = (since_text, canonical_time(until) if until else None)
-        now_s = self._clock() if now is None else now
-        where, params = ["TRUE"], []
-        if site is not None:
-            where.append("site = %s")
-            params.append(site)
-        filt, extra = _window(window)
-        cond = " AND ".join(where) + filt
-        # Only fixed fragments are spliced into the SQL; every value is a bound parameter.
-        summary = self._read(
-            "SELECT site, kind, COUNT(*), MIN(seq), MAX(COALESCE(seq_end, seq)), MAX(ts),"  # noqa: S608
-            f" MAX(received_at), SUM(dups) FROM events WHERE {cond}"
-            " GROUP BY site, kind ORDER BY site, kind", params + extra)
-        marks = self.watermarks()
-        sites: dict[str, list[dict[str, Any]]] = {}
-        for s, k, count, first, last, newest, newest_rx, dups in summary:
-            lost = self._ranges("lost", s, k, window)
-            skipped = self._ranges("skipped", s, k, window)
-            details = self._gaps(s, k, window, lost + skipped)
-            sites.setdefault(s, []).append({
-                "kind": k,
-                "received": int(count),
-                "first_seq": int(first),
-                "last_seq": int(last),
-                "gaps": [[d["from"], d["to"]] for d in details],
-                "duplicates": int(dups),
-                "lost": [list(r) for r in lost],
-                "skipped": [list(r) for r in self._unheld(s, k, skipped)],
-                "gap_details": details,
-                "gap_since": details[0]["since"] if details else None,
-                "acked_upto": marks.get((s, k), 0),
-                "newest_ts": newest,
-                "newest_age_s": round(max(0.0, now_s - parse_time(newest).timestamp()), 3),
-                "newest_received_at": newest_rx,
-            })
-        return {"sites": [{"site": s, "kinds": kinds} for s, kinds in sites.items()],
-                "generated_at": iso_ms(now_s), "since": since_text}
-
-    def _ranges(self, table: str, site: str, kind: str,
-                window: tuple[str | None, str | None]) -> list[tuple[int, int]]:
-        """The ranges of ``lost`` or ``skipped`` declared by events in the window."""
-        assert table in ("lost", "skipped")
-        filt, extra = _window(window)
-        return [(int(a), int(b)) for a, b in self._read(
-            f"SELECT from_seq, to_seq FROM {table} WHERE site = %s AND kind = %s"  # noqa: S608
-            f"{filt} ORDER BY from_seq", [site, kind, *extra])]
-
-    def _unheld(self, site: str, kind: str,
-                ranges: list[tuple[int, int]]) -> list[tuple[int, int]]:
-        """The parts of ``ranges`` not covered by a stored event (some may arrive late)."""
-        out: list[tuple[int, int]] = []
-        for first, last in ranges:
-            held = [(int(a), int(b)) for a, b in self._read(
-                "(SELECT seq, COALESCE(seq_end, seq) FROM events WHERE site = %s AND kind = %s"
-                " AND seq < %s ORDER BY seq DESC LIMIT 1) UNION ALL"
-                " (SELECT seq, COALESCE(seq_end, seq) FROM events WHERE site = %s AND kind = %s"
-                " AND seq >= %s AND seq <= %s ORDER BY seq)",
-                (site, kind, first, site, kind, first, last))]
-            out += _holes((first, last), held, [])[0]
-        return out
-
-    def _gaps(self, site: str, kind: str, window: tuple[str | None, str | None],
-              lost: list[tuple[int, int]]) -> list[dict[str, Any]]:
-        filt, extra = _window(window)
-        holes = self._read(
-            "SELECT prev_end + 1, seq - 1, received_at FROM ("  # noqa: S608 - filt is fixed text
-            " SELECT seq, received_at, MAX(COALESCE(seq_end, seq)) OVER ("
-            "  ORDER BY seq ROWS BETWEEN UNBOUNDED PRECEDING AND 1 PRECEDING) AS prev_end"
-            f" FROM events WHERE site = %s AND kind = %s{filt}) AS w"
-            " WHERE prev_end IS NOT NULL AND seq - 1 > prev_end ORDER BY seq",
-            [site, kind, *extra])
-        gaps = []
-        for first, last, since_at in holes:
-            for a, b in _subtract((int(first), int(last)), lost):
-                gaps.append({"from": a, "to": b, "since": since_at})
-        return gaps
+def _lock_key(pair: Pair) -> int:
+    """The advisory lock of a (site, kind): 64 bits of a hash of it (signed, as
+    PostgreSQL's bigint)."""
+    digest = hashlib.blake2b(f"{pair[0]}\x00{pair[1]}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big", signed=True)
 
 
-def _window(window: tuple[str | None, str | None]) -> tuple[str, list[Any]]:
-    """The SQL filter (fixed text) and parameters of a (since, until) ts window."""
-    filt, params = "", []
-    if window[0] is not None:
-        filt += " AND ts >= %s"
-        params.append(window[0])
-    if window[1] is not None:
-        filt += " AND ts < %s"
-        params.append(window[1])
-    return filt, params
+def _pg_text(value: str) -> str:
+    """PostgreSQL text cannot hold NUL (a reject's topic or reason could)."""
+    return value.replace("\x00", "\ufffd")
+
+
+@dataclass
+class _New:
+    row: EventRow
+    epoch: str
+    dups: int = 0
+
+
+class _Plan:
+    """What a batch does, worked out row by row as SqliteStore.store_batch does it,
+    against the rows already held at its (site, kind, seq)s (read under the pairs'
+    locks): rows to insert, held rows to count a duplicate on or move to a new epoch,
+    and conflicts to record."""
+
+    def __init__(self, rows: list[EventRow],
+                 held: dict[tuple[str, str, int], list[tuple[str, str, int | None]]]) -> None:
+        self.new: list[_New] = []
+        # (site, kind, epoch as stored, seq, id) -> [epoch it moves to, dups to add]
+        self.updates: dict[tuple[str, str, str, int, str], list[Any]] = {}
+        self.conflicts: list[tuple[str, str, int, str, str, str, str, str]] = []
+        self.dups = self.adopted = 0
+        # Per (site, kind, seq): [epoch now, id, seq_end, a _New or the stored key].
+        state: dict[tuple[str, str, int], list[list[Any]]] = {}
+        for key, found in held.items():
+            state[key] = [[e, i, end, (*key[:2], e, key[2], i)] for e, i, end in found]
+        for row in rows:
+            here = state.setdefault((row.site, row.kind, row.seq), [])
+            same = [h for h in here if h[1] == row.id]
+            if same:
+                self.dups += 1
+                h = same[0]
+                if h[0] != row.epoch:
+                    # Resent by a later run of the same outbox: the row joins that run.
+                    self.adopted += 1
+                    h[0] = row.epoch
+                ref = h[3]
+                if isinstance(ref, _New):
+                    ref.epoch, ref.dups = h[0], ref.dups + 1
+                else:
+                    self.updates[ref] = [h[0], self.updates.get(ref, [h[0], 0])[1] + 1]
+                continue
+            for other_epoch, other_id, other_end, _ in here:
+                if other_epoch == row.epoch and (row.seq_end is not None
+                                                 or other_end is not None):
+                    continue  # a thinned aggregate and the raw reading it summarises
+                self.conflicts.append((row.site, row.kind, row.seq, row.epoch, row.id,
+                                       other_epoch, other_id, row.ts))
+            new = _New(row, row.epoch)
+            self.new.append(new)
+            here.append([row.epoch, row.id, row.seq_end, new])

@@ -367,7 +367,196 @@ def open_side_tables(path: str, schema: str, what: str) -> sqlite3.Connection:
     return conn
 
 
-class SqliteStore:
+class StoreReads:
+    """The reading half of a store, the same SQL on SQLite and PostgreSQL.
+
+    A subclass provides ``_read(sql, params)`` (qmark ``?`` parameters; the
+    PostgreSQL store turns them into ``%s``) and ``_clock``. Both backends have a
+    ``rowid`` on ``marks`` and ``rejects`` (SQLite's own; a ``bigserial`` on
+    PostgreSQL), so the order of rows is the order they were written in.
+    """
+
+    _clock: Any
+
+    def _read(self, sql: str, params: Sequence[Any] = ()) -> list[Any]:
+        raise NotImplementedError
+
+    def watermarks(self) -> dict[Stream, int]:
+        """The committed watermark of every (site, kind, epoch), as every receiver sees it."""
+        return {(s, k, e): upto for s, k, e, upto in
+                self._read("SELECT site, kind, epoch, upto FROM marks WHERE upto > 0")}
+
+    def events(self, site: str, kind: str) -> list[dict[str, Any]]:
+        """Every stored event of a pair in seq order (for tests and debugging)."""
+        rows = self._read("SELECT seq, seq_end, id, ts, received_at, dups, payload, epoch, "
+                          "unproven FROM events WHERE site = ? AND kind = ? "
+                          "ORDER BY seq, received_at, id", (site, kind))
+        return [{"seq": seq, "seq_end": seq_end, "id": eid, "ts": ts, "received_at": rec,
+                 "dups": dups, "envelope": json.loads(payload), "epoch": epoch,
+                 "unproven": bool(unproven)}
+                for seq, seq_end, eid, ts, rec, dups, payload, epoch, unproven in rows]
+
+    def conflicts(self, site: str | None = None) -> list[dict[str, Any]]:
+        """Every recorded conflict (one (site, kind, seq) under two ids), oldest first."""
+        sql = ("SELECT site, kind, seq, epoch, id, other_epoch, other_id, ts, received_at "
+               "FROM conflicts")
+        rows = self._read(sql + (" WHERE site = ?" if site is not None else "")
+                          + " ORDER BY received_at, site, kind, seq",
+                          (site,) if site is not None else ())
+        keys = ("site", "kind", "seq", "epoch", "id", "other_epoch", "other_id", "ts",
+                "received_at")
+        return [dict(zip(keys, r, strict=True)) for r in rows]
+
+    def rejects(self, site: str | None = None) -> list[dict[str, Any]]:
+        """Every rejected message, oldest first; ``head`` is its first bytes."""
+        sql = "SELECT received_at, topic, site, kind, reason, size, head FROM rejects"
+        rows = self._read(sql + (" WHERE site = ?" if site is not None else "")
+                          + " ORDER BY rowid", (site,) if site is not None else ())
+        keys = ("received_at", "topic", "site", "kind", "reason", "size", "head")
+        return [dict(zip(keys, (*r[:6], bytes(r[6])), strict=True)) for r in rows]
+
+    def report(self, site: str | None = None, since: str | None = None,
+               now: float | None = None, until: str | None = None) -> dict[str, Any]:
+        """CONTRACT 8's report, per site and kind (over every epoch), plus HQ's extras.
+
+        ``since`` (an ISO date or time; ``ValueError`` if not) keeps events whose
+        ``ts`` is at or after it. Each kind has the contract's ``received``
+        (distinct events: rows), ``first_seq``, ``last_seq``, ``gaps`` (seqs held
+        under no epoch between first and last, excluding declared-lost and
+        skipped ranges) and ``duplicates``, and also ``conflicts`` (new ids at a
+        (site, kind, seq) already held: see the module docstring), ``rejected``
+        (messages on the pair's topic that could not be stored, by when they
+        arrived), ``unproven_claims`` (events whose floor/lost/seq_end had no
+        valid proof), ``lost`` (declared-lost ranges), ``skipped`` (seqs a
+        watermark was raised over by an agent's ``floor`` and this store does
+        not hold: acked by an earlier store, not missing), ``gap_details``
+        (each gap with ``since``: when HQ stored the event after it),
+        ``gap_since`` (that of the first gap), ``epoch`` (that of the newest
+        row) with its ``acked_upto``, ``epochs`` (how many epochs hold rows),
+        ``newest_ts``, ``newest_age_s`` and ``newest_received_at``.
+        A pair with only rejects has ``received`` 0 and null seqs.
+        """
+        since_text = canonical_time(since) if since else None
+        # until (exclusive) bounds ts from above, for ``hq report --date``.
+        window = (since_text, canonical_time(until) if until else None)
+        now_s = self._clock() if now is None else now
+        where, params = ["TRUE"], []
+        if site is not None:
+            where.append("site = ?")
+            params.append(site)
+        filt, extra = _window(window)
+        cond = " AND ".join(where) + filt
+        params += extra
+        # Only fixed fragments are spliced into the SQL; every value is a bound parameter.
+        summary = self._read(
+            "SELECT site, kind, COUNT(*), MIN(seq), MAX(COALESCE(seq_end, seq)), MAX(ts),"  # noqa: S608
+            f" MAX(received_at), SUM(dups), SUM(unproven), COUNT(DISTINCT epoch)"
+            f" FROM events WHERE {cond} GROUP BY site, kind ORDER BY site, kind", params)
+        conflicts = {(s, k): n for s, k, n in self._read(
+            f"SELECT site, kind, COUNT(*) FROM conflicts WHERE {cond} "  # noqa: S608
+            "GROUP BY site, kind", params)}
+        rx_where = " AND ".join(where) + _window(window, column="received_at")[0]
+        rejected = {(s, k): n for s, k, n in self._read(
+            f"SELECT site, kind, COUNT(*) FROM rejects WHERE {rx_where} "  # noqa: S608
+            "GROUP BY site, kind", params)}
+        marks = self.watermarks()
+        sites: dict[str, list[dict[str, Any]]] = {}
+        for s, k, count, first, last, newest, newest_rx, dups, unproven, epochs in summary:
+            lost = self._lost(s, k, window)
+            skipped = self._ranges("skipped", s, k, window)
+            details = self._gaps(s, k, window, lost + skipped)
+            epoch = self._newest_epoch(s, k)
+            sites.setdefault(s, []).append({
+                "kind": k,
+                "received": count,
+                "first_seq": first,
+                "last_seq": last,
+                "gaps": [[d["from"], d["to"]] for d in details],
+                "duplicates": dups,
+                "conflicts": conflicts.get((s, k), 0),
+                "rejected": rejected.pop((s, k), 0),
+                "unproven_claims": unproven,
+                "lost": [list(r) for r in lost],
+                "skipped": [list(r) for r in self._unheld(s, k, skipped)],
+                "gap_details": details,
+                "gap_since": details[0]["since"] if details else None,
+                "epoch": epoch,
+                "epochs": epochs,
+                "acked_upto": marks.get((s, k, epoch), 0),
+                "newest_ts": newest,
+                "newest_age_s": round(max(0.0, now_s - parse_time(newest).timestamp()), 3),
+                "newest_received_at": newest_rx,
+            })
+        for (s, k), n in sorted(rejected.items()):   # pairs that sent nothing storable
+            sites.setdefault(s, []).append({
+                "kind": k, "received": 0, "first_seq": None, "last_seq": None, "gaps": [],
+                "duplicates": 0, "conflicts": conflicts.get((s, k), 0), "rejected": n,
+                "unproven_claims": 0, "lost": [], "skipped": [], "gap_details": [],
+                "gap_since": None, "epoch": None, "epochs": 0, "acked_upto": 0,
+                "newest_ts": None, "newest_age_s": None, "newest_received_at": None})
+        return {"sites": [{"site": s, "kinds": kinds} for s, kinds in sites.items()],
+                "generated_at": iso_ms(now_s), "since": since_text}
+
+    def _newest_epoch(self, site: str, kind: str) -> str:
+        """The epoch of the pair's most recently stored row: the outbox run now sending."""
+        row = self._read("SELECT epoch FROM marks WHERE site = ? AND kind = ? "
+                         "ORDER BY heard_at DESC, rowid DESC LIMIT 1", (site, kind))
+        return str(row[0][0]) if row else ""
+
+    def _lost(self, site: str, kind: str,
+              window: tuple[str | None, str | None]) -> list[tuple[int, int]]:
+        return self._ranges("lost", site, kind, window)
+
+    def _ranges(self, table: str, site: str, kind: str,
+                window: tuple[str | None, str | None]) -> list[tuple[int, int]]:
+        """The ranges of ``lost`` or ``skipped`` declared by events at or after ``since``."""
+        assert table in ("lost", "skipped")
+        # Every epoch's: the same range declared again after a restart is one range.
+        sql = f"SELECT DISTINCT from_seq, to_seq FROM {table} WHERE site = ? AND kind = ?"  # noqa: S608
+        params: list[Any] = [site, kind]
+        filt, extra = _window(window)
+        return [(a, b) for a, b in self._read(sql + filt + " ORDER BY from_seq",
+                                              params + extra)]
+
+    def _unheld(self, site: str, kind: str,
+                ranges: list[tuple[int, int]]) -> list[tuple[int, int]]:
+        """The parts of ``ranges`` not covered by a stored event (some may arrive late)."""
+        out: list[tuple[int, int]] = []
+        for first, last in ranges:
+            # The row just below the range (an aggregate may reach into it), then
+            # the rows inside it: both index range scans.
+            held = [(a, b) for a, b in self._read(
+                "SELECT seq, COALESCE(seq_end, seq) FROM events "
+                "WHERE site = ? AND kind = ? AND seq < ? ORDER BY seq DESC LIMIT 1",
+                (site, kind, first))]
+            held += [(a, b) for a, b in self._read(
+                "SELECT seq, COALESCE(seq_end, seq) FROM events "
+                "WHERE site = ? AND kind = ? AND seq >= ? AND seq <= ? ORDER BY seq",
+                (site, kind, first, last))]
+            out += _holes((first, last), held, [])[0]
+        return out
+
+    def _gaps(self, site: str, kind: str, window: tuple[str | None, str | None],
+              lost: list[tuple[int, int]]) -> list[dict[str, Any]]:
+        # Holes between stored rows, found in SQL: a row whose seq is beyond
+        # every earlier row's coverage + 1 has a hole before it.
+        filt, extra = _window(window)
+        params: list[Any] = [site, kind, *extra]
+        holes = self._read(
+            "SELECT prev_end + 1, seq - 1, received_at FROM ("  # noqa: S608 - filt is fixed text
+            " SELECT seq, received_at, MAX(COALESCE(seq_end, seq)) OVER ("
+            "  ORDER BY seq ROWS BETWEEN UNBOUNDED PRECEDING AND 1 PRECEDING) AS prev_end"
+            f" FROM events WHERE site = ? AND kind = ?{filt}) AS w"
+            # "seq - 1 > prev_end", not "seq > prev_end + 1": seqs go up to 2**63 - 1.
+            " WHERE prev_end IS NOT NULL AND seq - 1 > prev_end ORDER BY seq", params)
+        gaps = []
+        for first, last, since_at in holes:
+            for a, b in _subtract((first, last), lost):
+                gaps.append({"from": a, "to": b, "since": since_at})
+        return gaps
+
+
+class SqliteStore(StoreReads):
     """The default store: one SQLite file in WAL mode, every commit ``synchronous=FULL``.
 
     Thread-safe (one connection behind a lock), so a test or the report may
@@ -634,179 +823,6 @@ class SqliteStore:
                 return self._conn.execute(sql, params).fetchall()
             except sqlite3.Error as exc:
                 raise StoreError(self.path, f"read failed: {exc}") from None
-
-    def watermarks(self) -> dict[Stream, int]:
-        """The committed watermark of every (site, kind, epoch), as every receiver sees it."""
-        return {(s, k, e): upto for s, k, e, upto in
-                self._read("SELECT site, kind, epoch, upto FROM marks WHERE upto > 0")}
-
-    def events(self, site: str, kind: str) -> list[dict[str, Any]]:
-        """Every stored event of a pair in seq order (for tests and debugging)."""
-        rows = self._read("SELECT seq, seq_end, id, ts, received_at, dups, payload, epoch, "
-                          "unproven FROM events WHERE site = ? AND kind = ? "
-                          "ORDER BY seq, received_at, id", (site, kind))
-        return [{"seq": seq, "seq_end": seq_end, "id": eid, "ts": ts, "received_at": rec,
-                 "dups": dups, "envelope": json.loads(payload), "epoch": epoch,
-                 "unproven": bool(unproven)}
-                for seq, seq_end, eid, ts, rec, dups, payload, epoch, unproven in rows]
-
-    def conflicts(self, site: str | None = None) -> list[dict[str, Any]]:
-        """Every recorded conflict (one (site, kind, seq) under two ids), oldest first."""
-        sql = ("SELECT site, kind, seq, epoch, id, other_epoch, other_id, ts, received_at "
-               "FROM conflicts")
-        rows = self._read(sql + (" WHERE site = ?" if site is not None else "")
-                          + " ORDER BY received_at, site, kind, seq",
-                          (site,) if site is not None else ())
-        keys = ("site", "kind", "seq", "epoch", "id", "other_epoch", "other_id", "ts",
-                "received_at")
-        return [dict(zip(keys, r, strict=True)) for r in rows]
-
-    def rejects(self, site: str | None = None) -> list[dict[str, Any]]:
-        """Every rejected message, oldest first; ``head`` is its first bytes."""
-        sql = "SELECT received_at, topic, site, kind, reason, size, head FROM rejects"
-        rows = self._read(sql + (" WHERE site = ?" if site is not None else "")
-                          + " ORDER BY rowid", (site,) if site is not None else ())
-        keys = ("received_at", "topic", "site", "kind", "reason", "size", "head")
-        return [dict(zip(keys, (*r[:6], bytes(r[6])), strict=True)) for r in rows]
-
-    def report(self, site: str | None = None, since: str | None = None,
-               now: float | None = None, until: str | None = None) -> dict[str, Any]:
-        """CONTRACT 8's report, per site and kind (over every epoch), plus HQ's extras.
-
-        ``since`` (an ISO date or time; ``ValueError`` if not) keeps events whose
-        ``ts`` is at or after it. Each kind has the contract's ``received``
-        (distinct events: rows), ``first_seq``, ``last_seq``, ``gaps`` (seqs held
-        under no epoch between first and last, excluding declared-lost and
-        skipped ranges) and ``duplicates``, and also ``conflicts`` (new ids at a
-        (site, kind, seq) already held: see the module docstring), ``rejected``
-        (messages on the pair's topic that could not be stored, by when they
-        arrived), ``unproven_claims`` (events whose floor/lost/seq_end had no
-        valid proof), ``lost`` (declared-lost ranges), ``skipped`` (seqs a
-        watermark was raised over by an agent's ``floor`` and this store does
-        not hold: acked by an earlier store, not missing), ``gap_details``
-        (each gap with ``since``: when HQ stored the event after it),
-        ``gap_since`` (that of the first gap), ``epoch`` (that of the newest
-        row) with its ``acked_upto``, ``epochs`` (how many epochs hold rows),
-        ``newest_ts``, ``newest_age_s`` and ``newest_received_at``.
-        A pair with only rejects has ``received`` 0 and null seqs.
-        """
-        since_text = canonical_time(since) if since else None
-        # until (exclusive) bounds ts from above, for ``hq report --date``.
-        window = (since_text, canonical_time(until) if until else None)
-        now_s = self._clock() if now is None else now
-        where, params = ["1"], []
-        if site is not None:
-            where.append("site = ?")
-            params.append(site)
-        filt, extra = _window(window)
-        cond = " AND ".join(where) + filt
-        params += extra
-        # Only fixed fragments are spliced into the SQL; every value is a bound parameter.
-        summary = self._read(
-            "SELECT site, kind, COUNT(*), MIN(seq), MAX(COALESCE(seq_end, seq)), MAX(ts),"  # noqa: S608
-            f" MAX(received_at), SUM(dups), SUM(unproven), COUNT(DISTINCT epoch)"
-            f" FROM events WHERE {cond} GROUP BY site, kind ORDER BY site, kind", params)
-        conflicts = {(s, k): n for s, k, n in self._read(
-            f"SELECT site, kind, COUNT(*) FROM conflicts WHERE {cond} "  # noqa: S608
-            "GROUP BY site, kind", params)}
-        rx_where = " AND ".join(where) + _window(window, column="received_at")[0]
-        rejected = {(s, k): n for s, k, n in self._read(
-            f"SELECT site, kind, COUNT(*) FROM rejects WHERE {rx_where} "  # noqa: S608
-            "GROUP BY site, kind", params)}
-        marks = self.watermarks()
-        sites: dict[str, list[dict[str, Any]]] = {}
-        for s, k, count, first, last, newest, newest_rx, dups, unproven, epochs in summary:
-            lost = self._lost(s, k, window)
-            skipped = self._ranges("skipped", s, k, window)
-            details = self._gaps(s, k, window, lost + skipped)
-            epoch = self._newest_epoch(s, k)
-            sites.setdefault(s, []).append({
-                "kind": k,
-                "received": count,
-                "first_seq": first,
-                "last_seq": last,
-                "gaps": [[d["from"], d["to"]] for d in details],
-                "duplicates": dups,
-                "conflicts": conflicts.get((s, k), 0),
-                "rejected": rejected.pop((s, k), 0),
-                "unproven_claims": unproven,
-                "lost": [list(r) for r in lost],
-                "skipped": [list(r) for r in self._unheld(s, k, skipped)],
-                "gap_details": details,
-                "gap_since": details[0]["since"] if details else None,
-                "epoch": epoch,
-                "epochs": epochs,
-                "acked_upto": marks.get((s, k, epoch), 0),
-                "newest_ts": newest,
-                "newest_age_s": round(max(0.0, now_s - parse_time(newest).timestamp()), 3),
-                "newest_received_at": newest_rx,
-            })
-        for (s, k), n in sorted(rejected.items()):   # pairs that sent nothing storable
-            sites.setdefault(s, []).append({
-                "kind": k, "received": 0, "first_seq": None, "last_seq": None, "gaps": [],
-                "duplicates": 0, "conflicts": conflicts.get((s, k), 0), "rejected": n,
-                "unproven_claims": 0, "lost": [], "skipped": [], "gap_details": [],
-                "gap_since": None, "epoch": None, "epochs": 0, "acked_upto": 0,
-                "newest_ts": None, "newest_age_s": None, "newest_received_at": None})
-        return {"sites": [{"site": s, "kinds": kinds} for s, kinds in sites.items()],
-                "generated_at": iso_ms(now_s), "since": since_text}
-
-    def _newest_epoch(self, site: str, kind: str) -> str:
-        """The epoch of the pair's most recently stored row: the outbox run now sending."""
-        row = self._read("SELECT epoch FROM marks WHERE site = ? AND kind = ? "
-                         "ORDER BY heard_at DESC, rowid DESC LIMIT 1", (site, kind))
-        return str(row[0][0]) if row else ""
-
-    def _lost(self, site: str, kind: str,
-              window: tuple[str | None, str | None]) -> list[tuple[int, int]]:
-        return self._ranges("lost", site, kind, window)
-
-    def _ranges(self, table: str, site: str, kind: str,
-                window: tuple[str | None, str | None]) -> list[tuple[int, int]]:
-        """The ranges of ``lost`` or ``skipped`` declared by events at or after ``since``."""
-        assert table in ("lost", "skipped")
-        # Every epoch's: the same range declared again after a restart is one range.
-        sql = f"SELECT DISTINCT from_seq, to_seq FROM {table} WHERE site = ? AND kind = ?"  # noqa: S608
-        params: list[Any] = [site, kind]
-        filt, extra = _window(window)
-        return [(a, b) for a, b in self._read(sql + filt + " ORDER BY from_seq",
-                                              params + extra)]
-
-    def _unheld(self, site: str, kind: str,
-                ranges: list[tuple[int, int]]) -> list[tuple[int, int]]:
-        """The parts of ``ranges`` not covered by a stored event (some may arrive late)."""
-        out: list[tuple[int, int]] = []
-        for first, last in ranges:
-            # The row just below the range (an aggregate may reach into it), then
-            # the rows inside it: both index range scans.
-            held = [(a, b) for a, b in self._read(
-                "SELECT seq, COALESCE(seq_end, seq) FROM events "
-                "WHERE site = ? AND kind = ? AND seq < ? ORDER BY seq DESC LIMIT 1",
-                (site, kind, first))]
-            held += [(a, b) for a, b in self._read(
-                "SELECT seq, COALESCE(seq_end, seq) FROM events "
-                "WHERE site = ? AND kind = ? AND seq >= ? AND seq <= ? ORDER BY seq",
-                (site, kind, first, last))]
-            out += _holes((first, last), held, [])[0]
-        return out
-
-    def _gaps(self, site: str, kind: str, window: tuple[str | None, str | None],
-              lost: list[tuple[int, int]]) -> list[dict[str, Any]]:
-        # Holes between stored rows, found in SQL: a row whose seq is beyond
-        # every earlier row's coverage + 1 has a hole before it.
-        filt, extra = _window(window)
-        params: list[Any] = [site, kind, *extra]
-        holes = self._read(
-            "SELECT prev_end + 1, seq - 1, received_at FROM ("  # noqa: S608 - filt is fixed text
-            " SELECT seq, received_at, MAX(COALESCE(seq_end, seq)) OVER ("
-            "  ORDER BY seq ROWS BETWEEN UNBOUNDED PRECEDING AND 1 PRECEDING) AS prev_end"
-            f" FROM events WHERE site = ? AND kind = ?{filt})"
-            " WHERE prev_end IS NOT NULL AND seq > prev_end + 1 ORDER BY seq", params)
-        gaps = []
-        for first, last, since_at in holes:
-            for a, b in _subtract((first, last), lost):
-                gaps.append({"from": a, "to": b, "since": since_at})
-        return gaps
 
 
 def _window(window: tuple[str | None, str | None], column: str = "ts"
