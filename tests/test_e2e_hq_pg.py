@@ -119,6 +119,8 @@ def test_three_receivers_one_sigkilled_every_sale_once_gap_free(
         assert set(kinds) == set(SITES)
         assert all((k["received"], k["gaps"], k["acked_upto"]) == (SALES, [], SALES)
                    for k in kinds.values())
+        assert all((k["conflicts"], k["rejected"], k["duplicates"] >= 0) == (0, 0, True)
+                   for k in kinds.values())
     finally:
         for rx in receivers:
             rx.terminate()
