@@ -75,7 +75,7 @@ MIGRATION_LOCK = 0x65646765_68710001  # pg_advisory_xact_lock key ("edgehq" 1)
 APPLICATION_NAME = "edge-agent-hq"
 # Our tables: a database holding one of them without schema_version is not ours.
 TABLES = ("events", "marks", "lost", "skipped", "conflicts", "rejects", "sites_state",
-          "device_faults")
+          "device_faults", "metrc_reports")
 
 
 @dataclass(frozen=True)

@@ -230,7 +230,7 @@ def retention_sinks(cfg: HqReceiverConfig) -> list[RetentionSink]:
     The Metrc forwarder (CONTRACT 9) when it is enabled in ``cfg``: what Metrc
     does not have yet stays.
     """
-    if cfg.metrc.enabled and cfg.hq.store.startswith("sqlite:"):
+    if cfg.metrc.enabled:
         from agent.hq.metrc.reports import MetrcRetentionSink
 
         return [MetrcRetentionSink(cfg.hq.store, cfg.metrc.kinds)]

@@ -11,8 +11,9 @@ the event's id, with its state:
 
 Work is claimed, never just read: a forwarder takes a batch by setting
 ``lease_owner``/``lease_until`` in one write transaction (SQLite: ``BEGIN
-IMMEDIATE`` serialises the claimers, so two never take one row; PostgreSQL
-would use ``SELECT ... FOR UPDATE SKIP LOCKED``), and every later write of the
+IMMEDIATE`` serialises the claimers, so two never take one row; PostgreSQL,
+agent/hq/metrc/pg_reports.py, uses ``SELECT ... FOR UPDATE SKIP LOCKED`` and
+the server's clock for leases), and every later write of the
 batch names its owner, so a forwarder whose lease ran out changes nothing.
 ``posted`` is set and committed *before* a POST leaves: a row that has it was
 perhaps recorded by Metrc (the answer was lost, or the process died), so the
@@ -32,7 +33,7 @@ from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from agent.hq.store import StoreError, open_side_tables, sqlite_path
+from agent.hq.store import StoreError, _redact, open_side_tables, sqlite_path
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS metrc_reports (
@@ -131,7 +132,7 @@ Describe = Callable[[str, str, str, str], Intake]   # (site, kind, payload, ts) 
 
 
 class ReportStore(Protocol):
-    """What the forwarder, the CLI and the page need (SQLite now; PostgreSQL next)."""
+    """What the forwarder, the CLI and the page need (SQLite here; PostgreSQL in pg_reports)."""
 
     def intake(self, kinds: Sequence[str], describe: Describe, now: float) -> int: ...
     def claim(self, owner: str, now: float, lease_s: float, batch: int) -> Claim | None: ...
@@ -155,6 +156,7 @@ class ReportStore(Protocol):
     def synced(self, owner: str, site: str, now: float, packages: int | None,
                error: str | None) -> None: ...
     def sync_states(self) -> dict[str, dict[str, Any]]: ...
+    def still_needs(self, kinds: Sequence[str]) -> dict[tuple[str, str], int]: ...
     def close(self) -> None: ...
 
 
@@ -461,7 +463,7 @@ class MetrcRetentionSink:
         self.kinds = list(kinds)
 
     def still_needs(self) -> dict[tuple[str, str], int]:
-        store = SqliteReportStore(self.url)
+        store = open_report_store(self.url)
         try:
             return store.still_needs(self.kinds)
         finally:
@@ -478,6 +480,9 @@ def open_report_store(url: str) -> ReportStore:
     """The Metrc tables beside ``[hq] store``."""
     if url.startswith("sqlite:///"):
         return SqliteReportStore(url)
-    raise StoreError(url.split("@")[-1], "the Metrc forwarder needs a sqlite:/// store in "
-                                         "this version (PostgreSQL follows the PostgreSQL "
-                                         "store)")
+    if url.startswith(("postgresql://", "postgres://")):
+        from agent.hq.metrc.pg_reports import PgReportStore
+
+        return PgReportStore(url)
+    raise StoreError(_redact(url), "unknown store URL; use sqlite:///PATH or "
+                                   "postgresql://user@host/db")
