@@ -25,7 +25,9 @@ from agent.config import (
     DEFAULT_HQ_CONFIG_PATH,
     AgentConfig,
     HqReceiverConfig,
+    blame_env,
     config_path,
+    env_names,
     load_agent_config,
     load_hq_config,
 )
@@ -250,30 +252,41 @@ def validated_config(path: str, resolve: Resolve | None = None) -> AgentConfig:
     from agent.install import rooted
     from agent.services import config_issues
 
-    cfg = load_agent_config(path, rooted(resolve) if resolve else None)
-    issues: list[ConfigIssue] = []
     try:
-        Tokens.load(cfg.api.tokens_file)
+        cfg = load_agent_config(path, rooted(resolve) if resolve else None)
+        issues: list[ConfigIssue] = []
+        dropped: frozenset[str] = frozenset()
     except ConfigError as exc:
-        issues.extend(ConfigIssue(f"api.tokens_file{'.' + i.path if i.path else ''}", i.message)
-                      for i in exc.issues)
-    except AgentError as exc:
-        issues.append(ConfigIssue("api.tokens_file", str(exc)))
-    issues.extend(config_issues(cfg))
-    for key in ("ca_file", "cert_file", "key_file", "password_file"):
-        value = getattr(cfg.mqtt, key)
-        if value and not _readable(value):
-            issues.append(ConfigIssue(f"mqtt.{key}", f"cannot read {value}"))
-    from agent.config_checks import mqtt_issues
-
-    issues.extend(mqtt_issues(cfg.mqtt))
-    if cfg.mqtt.hq_key_file:
-        from agent.proof import KeyFileError, read_site_key
-
+        # Every problem in one pass: the checks below run on what did validate.
+        if not isinstance(exc.partial, AgentConfig):
+            raise
+        cfg, issues, dropped = exc.partial, list(exc.issues), exc.dropped
+    later: list[ConfigIssue] = []
+    if "api" not in dropped:
         try:
-            read_site_key(cfg.mqtt.hq_key_file)
-        except KeyFileError as exc:
-            issues.append(ConfigIssue("mqtt.hq_key_file", str(exc).split(": ", 1)[1]))
+            Tokens.load(cfg.api.tokens_file)
+        except ConfigError as exc:
+            later.extend(ConfigIssue(f"api.tokens_file{'.' + i.path if i.path else ''}",
+                                     i.message) for i in exc.issues)
+        except AgentError as exc:
+            later.append(ConfigIssue("api.tokens_file", str(exc)))
+    later.extend(config_issues(cfg))
+    if "mqtt" not in dropped:
+        for key in ("ca_file", "cert_file", "key_file", "password_file"):
+            value = getattr(cfg.mqtt, key)
+            if value and not _readable(value):
+                later.append(ConfigIssue(f"mqtt.{key}", f"cannot read {value}"))
+        from agent.config_checks import mqtt_issues
+
+        later.extend(mqtt_issues(cfg.mqtt))
+        if cfg.mqtt.hq_key_file:
+            from agent.proof import KeyFileError, read_site_key
+
+            try:
+                read_site_key(cfg.mqtt.hq_key_file)
+            except KeyFileError as exc:
+                later.append(ConfigIssue("mqtt.hq_key_file", str(exc).split(": ", 1)[1]))
+    issues.extend(blame_env(later, env_names(AgentConfig)))
     if issues:
         raise ConfigError(path, issues)
     return cfg
@@ -286,24 +299,34 @@ def validated_hq_config(path: str, resolve: Resolve | None = None) -> HqReceiver
     from agent.install import rooted
     from agent.proof import KeyFileError, read_master_key
 
-    cfg = load_hq_config(path, rooted(resolve) if resolve else None)
-    issues: list[ConfigIssue] = []
-    for key in ("ca_file", "cert_file", "key_file", "password_file"):
-        value = getattr(cfg.mqtt, key)
-        if value and not _readable(value):
-            hint = " (edge-agent hq pki init makes it)" if key != "password_file" else ""
-            issues.append(ConfigIssue(f"mqtt.{key}", f"cannot read {value}{hint}"))
-    if cfg.hq.master_key_file:
-        try:
-            read_master_key(cfg.hq.master_key_file)
-        except KeyFileError as exc:
-            issues.append(ConfigIssue("hq.master_key_file", str(exc).split(": ", 1)[1]))
-    if cfg.hq.http_port:
-        try:
-            Tokens.load(cfg.hq.tokens_file)
-        except ConfigError as exc:
-            issues.extend(ConfigIssue(f"hq.tokens_file{'.' + i.path if i.path else ''}",
-                                      i.message) for i in exc.issues)
+    try:
+        cfg = load_hq_config(path, rooted(resolve) if resolve else None)
+        issues: list[ConfigIssue] = []
+        dropped: frozenset[str] = frozenset()
+    except ConfigError as exc:
+        if not isinstance(exc.partial, HqReceiverConfig):
+            raise
+        cfg, issues, dropped = exc.partial, list(exc.issues), exc.dropped
+    later: list[ConfigIssue] = []
+    if "mqtt" not in dropped:
+        for key in ("ca_file", "cert_file", "key_file", "password_file"):
+            value = getattr(cfg.mqtt, key)
+            if value and not _readable(value):
+                hint = " (edge-agent hq pki init makes it)" if key != "password_file" else ""
+                later.append(ConfigIssue(f"mqtt.{key}", f"cannot read {value}{hint}"))
+    if "hq" not in dropped:
+        if cfg.hq.master_key_file:
+            try:
+                read_master_key(cfg.hq.master_key_file)
+            except KeyFileError as exc:
+                later.append(ConfigIssue("hq.master_key_file", str(exc).split(": ", 1)[1]))
+        if cfg.hq.http_port:
+            try:
+                Tokens.load(cfg.hq.tokens_file)
+            except ConfigError as exc:
+                later.extend(ConfigIssue(f"hq.tokens_file{'.' + i.path if i.path else ''}",
+                                         i.message) for i in exc.issues)
+    issues.extend(blame_env(later, env_names(HqReceiverConfig)))
     if issues:
         raise ConfigError(path, issues)
     return cfg

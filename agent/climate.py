@@ -40,7 +40,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from agent.climate_alarms import ALARMS_FILE, AlarmBook
-from agent.config import AgentConfig
+from agent.config import AgentConfig, device_where
 from agent.errors import ConfigIssue, OutboxError
 from agent.services import BaseService, ServiceContext, idle_device
 from drivers.sensor.config import parse_rooms, parse_sensor, room_for
@@ -128,7 +128,7 @@ def plan_climate(cfg: AgentConfig) -> ClimatePlan:
         if device.type != "sensor":
             continue
         raw = device.model_dump()
-        prefix = f"devices.{index}"
+        prefix = device_where(index, device.id)
         spec: SensorSpec | None = None
         problem = None
         try:

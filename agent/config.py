@@ -25,7 +25,12 @@ from pydantic import (
     field_validator,
     model_validator,
 )
-from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+from pydantic_settings import (
+    BaseSettings,
+    EnvSettingsSource,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+)
 
 from agent.errors import ConfigError, ConfigIssue
 from agent.hq.metrc.config import MetrcConfig
@@ -40,6 +45,7 @@ KINDS: tuple[str, ...] = ("sale", "plant", "scan", "sensor", "print", "device", 
 DEVICE_TYPES = ("scanner", "receipt_printer", "label_printer", "sensor")
 SITE_ID_RE = re.compile(r"^[a-z0-9-]{1,64}$")
 US_STATE_RE = re.compile(r"^[A-Z]{2}$")
+DEVICE_ID_RE = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
 
 
 def _port(value: int) -> int:
@@ -235,7 +241,7 @@ class DeviceConfig(BaseModel):
 
     model_config = ConfigDict(extra="allow", frozen=True)
 
-    id: Annotated[str, Field(pattern=r"^[A-Za-z0-9_.-]{1,64}$")]
+    id: Annotated[str, Field(pattern=DEVICE_ID_RE.pattern)]
     type: Literal["scanner", "receipt_printer", "label_printer", "sensor"]
     url: str
     enabled: bool = True
@@ -398,10 +404,64 @@ def _read_toml(path: str) -> dict[str, Any]:
         raise ConfigError(path, [ConfigIssue("", f"not valid TOML: {exc}")]) from None
 
 
-def _issues(exc: ValidationError) -> list[ConfigIssue]:
+# Set to a prefix no variable has: a partial config (below) is built from data
+# that already holds the environment's values.
+_NO_ENV_PREFIX = "EDGE_AGENT_PARTIAL_CONFIG_READS_NO_ENVIRONMENT__"
+
+
+def device_where(index: int, device_id: object) -> str:
+    """How an issue names a ``[[devices]]`` entry: by its id (``devices[scanner-1]``),
+    or by its place when it has no usable id (``devices[#1]`` is the first entry)."""
+    if isinstance(device_id, str) and DEVICE_ID_RE.match(device_id):
+        return f"devices[{device_id}]"
+    return f"devices[#{index + 1}]"
+
+
+def env_names(cls: type[_Settings]) -> dict[str, str]:
+    """Dotted key -> the ``EDGE_AGENT__...`` variable that sets it (pydantic-settings
+    matches names without regard to case)."""
+    names: dict[str, str] = {}
+    for name in os.environ:
+        if not name.upper().startswith(ENV_PREFIX):
+            continue
+        parts = name[len(ENV_PREFIX):].lower().split("__")
+        if parts and parts[0] in cls.model_fields:
+            names[".".join(parts)] = name
+    return names
+
+
+def blame_env(issues: list[ConfigIssue], names: dict[str, str]) -> list[ConfigIssue]:
+    """Name the environment variable behind an issue whose value came from it, so
+    the error is not blamed on the file: ``EDGE_AGENT__MQTT__PORT (environment)``."""
+    out = []
+    for issue in issues:
+        path = issue.path
+        for key in sorted(names, key=len, reverse=True):
+            if path == key:
+                path = f"{names[key]} (environment)"
+                break
+            if path.startswith((key + ".", key + "[")):
+                path = f"{path} (from {names[key]}, environment)"
+                break
+        out.append(ConfigIssue(path, issue.message))
+    return out
+
+
+def _where(loc: tuple[int | str, ...], data: dict[str, Any]) -> str:
+    """A pydantic error location as a key path; devices named by their id."""
+    parts = [str(part) for part in loc]
+    if len(loc) >= 2 and loc[0] == "devices" and isinstance(loc[1], int):
+        devices = data.get("devices")
+        entry = devices[loc[1]] if isinstance(devices, list) and loc[1] < len(devices) else None
+        head = device_where(loc[1], entry.get("id") if isinstance(entry, dict) else None)
+        return ".".join([head, *parts[2:]])
+    return ".".join(parts)
+
+
+def _issues(exc: ValidationError, data: dict[str, Any] | None = None) -> list[ConfigIssue]:
     issues = []
     for err in exc.errors():
-        path = ".".join(str(part) for part in err["loc"])
+        path = _where(tuple(err["loc"]), data or {})
         kind = err["type"]
         if kind == "extra_forbidden":
             message = "unknown key (check the spelling against the config reference)"
@@ -413,10 +473,51 @@ def _issues(exc: ValidationError) -> list[ConfigIssue]:
     return issues
 
 
+def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    """``over`` on top of ``base``, tables merged key by key (as pydantic-settings does)."""
+    out = dict(base)
+    for key, value in over.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def _partial(cls: type[_S], data: dict[str, Any], exc: ValidationError,
+             ) -> tuple[_S | None, frozenset[str]]:
+    """The config without what failed: every top-level section with an error left
+    at its defaults and every ``[[devices]]`` entry with one left out, so the checks
+    that follow validation (drivers, files) still run on the rest in the same pass.
+    Returns it (None if even that does not validate) and the sections left out."""
+    dropped: set[str] = set()
+    bad_devices: set[int] = set()
+    for err in exc.errors():
+        loc = tuple(err["loc"])
+        if not loc:
+            return None, frozenset()
+        if loc[0] == "devices" and len(loc) >= 2 and isinstance(loc[1], int):
+            bad_devices.add(loc[1])
+        else:
+            dropped.add(str(loc[0]))
+    pruned = {k: v for k, v in data.items() if k not in dropped}
+    if bad_devices and isinstance(pruned.get("devices"), list):
+        pruned["devices"] = [d for i, d in enumerate(pruned["devices"]) if i not in bad_devices]
+    if "site" in dropped and "site" in cls.model_fields:
+        pruned["site"] = {"id": "x"}   # required; nothing after validation reads it
+    try:
+        return cls(**{**pruned, "_env_prefix": _NO_ENV_PREFIX}), frozenset(dropped)
+    except (ValidationError, ValueError, TypeError):
+        return None, frozenset()
+
+
 def load_config(path: str, cls: type[_S],
                 transform: Callable[[dict[str, Any]], dict[str, Any]] | None = None) -> _S:
     """Read and validate ``path``; raise :class:`ConfigError` listing every problem.
 
+    Every pydantic error of the file and the environment is listed at once; an
+    error in a value from the environment names its variable. The error carries
+    the config without what failed (``partial``) for the checks that come after.
     ``transform`` rewrites the file's data first (``--root``: paths read under a root)."""
     data = _read_toml(path)
     if transform is not None:
@@ -424,7 +525,14 @@ def load_config(path: str, cls: type[_S],
     try:
         return cls(**data)
     except ValidationError as exc:
-        raise ConfigError(path, _issues(exc)) from None
+        names = env_names(cls)
+        try:
+            merged = _merge(data, EnvSettingsSource(cls)())
+        except Exception:  # an env value pydantic-settings cannot parse (bad JSON)
+            merged = data
+        error = ConfigError(path, blame_env(_issues(exc, merged), names))
+        error.partial, error.dropped = _partial(cls, merged, exc)
+        raise error from None
 
 
 def load_agent_config(path: str,

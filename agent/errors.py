@@ -33,6 +33,10 @@ class ConfigError(AgentError):
     def __init__(self, source: str, issues: list[ConfigIssue]) -> None:
         self.source = source
         self.issues = issues
+        # From agent/config.py: the config without what failed (or None), and the
+        # top-level sections left at their defaults in it.
+        self.partial: object | None = None
+        self.dropped: frozenset[str] = frozenset()
         lines = "\n".join(f"  {issue}" for issue in issues)
         super().__init__(f"invalid config {source}:\n{lines}")
 

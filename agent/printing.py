@@ -57,7 +57,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 
 from agent.commands import current_command_id
-from agent.config import AgentConfig, DeviceConfig, SiteConfig
+from agent.config import AgentConfig, DeviceConfig, SiteConfig, device_where
 from agent.errors import AgentError, ConfigIssue, DeviceError
 from agent.idempotency import IdempotencyKeyReused
 from agent.print_documents import (
@@ -337,11 +337,11 @@ class PrinterService(BaseService):
                 _preview_dir(device)
                 device_options(cfg, device)
             except OptionsError as exc:
-                issues.append(ConfigIssue(f"devices.{i}.{exc.key}", exc.reason))
+                issues.append(ConfigIssue(f"{device_where(i, device.id)}.{exc.key}", exc.reason))
             try:
                 open_transport(device.url)
             except BadDeviceUrl as exc:
-                issues.append(ConfigIssue(f"devices.{i}.url", str(exc)))
+                issues.append(ConfigIssue(f"{device_where(i, device.id)}.url", str(exc)))
         return issues
 
     # -- lifecycle -------------------------------------------------------------------------

@@ -40,7 +40,7 @@ from agent.catalog import CATALOG_FILE, Catalog, CatalogError, parse_tags
 from agent.catalog import PUT_KEYS as CATALOG_PUT_KEYS
 from agent.catalog import REMOVE_KEYS as CATALOG_REMOVE_KEYS
 from agent.commands import current_command_id
-from agent.config import AgentConfig
+from agent.config import AgentConfig, device_where
 from agent.envelope import encode, iso_ms
 from agent.errors import ConfigIssue, OutboxError
 from agent.scanning_api import ScanFeed
@@ -82,8 +82,8 @@ class ScannerEntry:
     alarm_open: bool = False
 
 
-def _validate(index: int, device_url: str, options: dict[str, Any]) -> None:
-    where = f"devices.{index}"
+def _validate(index: int, device_id: str, device_url: str, options: dict[str, Any]) -> None:
+    where = device_where(index, device_id)
     stripped, parsed = scanner_setup(device_url, options, where=where)
     open_transport(stripped, parsed, where=where)  # builds, never opens
 
@@ -99,7 +99,7 @@ def plan_scanners(cfg: AgentConfig) -> tuple[list[ScannerEntry], list[ConfigIssu
         entry = ScannerEntry(device=device.id, url=device.url, enabled=device.enabled,
                              options=options)
         try:
-            _validate(index, device.url, options)
+            _validate(index, device.id, device.url, options)
         except BadScannerConfig as exc:
             issues.append(ConfigIssue(exc.key, exc.message))
             entry.problem = f"config: {exc}"

@@ -162,11 +162,13 @@ def test_config_issues_name_the_key_path() -> None:
     """Bad rooms and sensors come back as ConfigIssues with dotted paths, through services too."""
     found = {i.path: i.message for i in config_issues(_bad_config())}
     assert "rooms.1.bands.rh_pct" in found and "below" in found["rooms.1.bands.rh_pct"]
-    assert "devices.3.registers.co2_ppm.scale" in found
-    assert "non-zero" in found["devices.3.registers.co2_ppm.scale"]
-    assert "devices.2.room" in found and "'Veg 9'" in found["devices.2.room"]
-    assert "devices.4.url.unit" in found and "1..247" in found["devices.4.url.unit"]
-    assert not any(p.startswith(("devices.0", "devices.1")) for p in found)
+    assert "devices[flower-2-co2].registers.co2_ppm.scale" in found
+    assert "non-zero" in found["devices[flower-2-co2].registers.co2_ppm.scale"]
+    assert "'Veg 9'" in found["devices[veg-1-climate].room"]
+    assert "devices[dry-1-climate].url.unit" in found
+    assert "1..247" in found["devices[dry-1-climate].url.unit"]
+    assert not any(p.startswith(("devices[counter-1-scanner]", "devices[flower-2-climate]"))
+                   for p in found)
 
 
 def test_check_config_prints_the_paths_and_exits_2(tmp_path: Path,
@@ -180,7 +182,8 @@ def test_check_config_prints_the_paths_and_exits_2(tmp_path: Path,
         "devices": [d.model_dump() for d in cfg.devices], "rooms": cfg.rooms})
     assert cli_main(["check-config", "--config", str(tmp_path / "agent.toml")]) == 2
     err = capsys.readouterr().err
-    assert "rooms.1.bands.rh_pct:" in err and "devices.3.registers.co2_ppm.scale:" in err
+    assert "rooms.1.bands.rh_pct:" in err
+    assert "devices[flower-2-co2].registers.co2_ppm.scale:" in err
 
 
 def test_a_sensor_with_bad_config_is_down_and_the_rest_run(tmp_path: Path,
@@ -193,7 +196,7 @@ def test_a_sensor_with_bad_config_is_down_and_the_rest_run(tmp_path: Path,
     bad = agent.sensors()["bad"]
     assert bad["valid"] is False and "url.fault" in bad["reason"]
     devices = {d["id"]: d for d in agent.svc.devices()}
-    assert devices["bad"]["state"] == "down" and "devices.1.url.fault" in devices["bad"]["error"]
+    assert devices["bad"]["state"] == "down" and "devices[bad].url.fault" in devices["bad"]["error"]
     status = agent.get("/v1/status").json()
     assert any(r.startswith("device_down: bad") for r in status["reasons"])
 

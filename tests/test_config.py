@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import secrets
 from pathlib import Path
 
 import pytest
@@ -53,7 +54,7 @@ url = "serial:///dev/ttyACM0"
     assert "mqtt.port: must be 1..65535" in text
     assert "mqtt.delivery:" in text
     assert "mqtt.prot: unknown key" in text
-    assert "devices.0.type:" in text
+    assert "devices[x].type:" in text
 
 
 def test_environment_overrides_the_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -105,3 +106,86 @@ def test_hq_example_config_validates() -> None:
     assert [s.id for s in cfg.hq.sites] == ["co-denver-01", "wa-spokane-03"]
     assert cfg.hq.store == "sqlite:///var/lib/edge-agent-hq/hq.db"
     assert cfg.mqtt.tls and cfg.mqtt.protocol == "5"
+
+
+def test_one_pass_lists_shape_and_driver_errors_together(tmp_path: Path) -> None:
+    """A bad device type no longer hides another device's bad URL or a bad section's error."""
+    tokens = tmp_path / "tokens"
+    tokens.write_text(f"cli {secrets.token_urlsafe(32)}\n")
+    path = write(tmp_path, f"""
+[site]
+id = "a"
+[mqtt]
+port = 0
+[api]
+tokens_file = "{tokens}"
+[[devices]]
+id = "scanner-1"
+type = "scannr"
+url = "serial:///dev/ttyACM0"
+[[devices]]
+id = "scanner-2"
+type = "scanner"
+url = "ftp://nowhere"
+[[devices]]
+id = "receipt-1"
+type = "receipt_printer"
+url = "tcp://"
+""")
+    from agent.cli import validated_config
+
+    with pytest.raises(ConfigError) as info:
+        validated_config(path)
+    paths = [i.path for i in info.value.issues]
+    assert "devices[scanner-1].type" in paths
+    assert "mqtt.port" in paths
+    assert "devices[scanner-2].url" in paths and "devices[receipt-1].url" in paths
+    assert not any(p.startswith("devices.") for p in paths)
+
+
+def test_a_device_without_a_usable_id_is_named_by_its_place(tmp_path: Path) -> None:
+    """devices[#2] is the second entry when its id is missing or malformed."""
+    path = write(tmp_path, """
+[site]
+id = "a"
+[[devices]]
+id = "ok"
+type = "scanner"
+url = "sim://x"
+[[devices]]
+id = "bad id!"
+type = "scanner"
+url = "nourl"
+""")
+    with pytest.raises(ConfigError) as info:
+        load_agent_config(path)
+    paths = {i.path for i in info.value.issues}
+    assert {"devices[#2].id", "devices[#2].url"} <= paths
+
+
+def test_an_environment_error_names_the_variable(tmp_path: Path,
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """A bad EDGE_AGENT__MQTT__PORT is reported as that variable, not as the file's mqtt.port."""
+    path = write(tmp_path, '[site]\nid = "a"\n[mqtt]\nport = 1883\n[outbox]\nmax_batch = 0\n')
+    monkeypatch.setenv("EDGE_AGENT__MQTT__PORT", "70000")
+    with pytest.raises(ConfigError) as info:
+        load_agent_config(path)
+    text = str(info.value)
+    assert "EDGE_AGENT__MQTT__PORT (environment): must be 1..65535" in text
+    assert "outbox.max_batch: must be 1..100000" in text   # the file's own error, as before
+    assert "  mqtt.port" not in text
+
+
+def test_an_environment_file_path_is_blamed_on_the_variable(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A missing file named by EDGE_AGENT__MQTT__CA_FILE is reported against that variable."""
+    tokens = tmp_path / "tokens"
+    tokens.write_text(f"cli {secrets.token_urlsafe(32)}\n")
+    path = write(tmp_path, f'[site]\nid = "a"\n[api]\ntokens_file = "{tokens}"\n')
+    monkeypatch.setenv("EDGE_AGENT__MQTT__CA_FILE", str(tmp_path / "nope.pem"))
+    from agent.cli import validated_config
+
+    with pytest.raises(ConfigError) as info:
+        validated_config(path)
+    assert [str(i) for i in info.value.issues] == [
+        f"EDGE_AGENT__MQTT__CA_FILE (environment): cannot read {tmp_path / 'nope.pem'}"]

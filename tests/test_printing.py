@@ -512,14 +512,15 @@ def test_bad_sale_is_422_naming_the_field_under_sale(site: PrintSite) -> None:
 
 def test_bad_printer_config_is_named_by_check_config_and_never_crashes(
         tmp_path: Path, escpos: FakePrinter) -> None:
-    """config_issues names devices.N.key; the agent runs on, the printer shows state error."""
+    """config_issues names devices[ID].key; the agent runs on, the printer shows state error."""
     devices = [receipt_entry(escpos.url, columns=9), receipt_entry("tcp://", id="r2"),
                label_entry("sim://label", id="z1", dpi=250, colour="red")]
     cfg = AgentConfig(site={"id": SITE}, devices=devices)
     issues = {(i.path, i.message.split(" (")[0]) for i in PrinterService.config_issues(cfg)}
-    assert ("devices.0.columns", "Input should be greater than or equal to 24") in issues
-    assert any(path == "devices.1.url" and "no host" in msg for path, msg in issues)
-    assert any(path == "devices.2.colour" for path, _ in issues)
+    assert ("devices[counter-1-receipt].columns",
+            "Input should be greater than or equal to 24") in issues
+    assert any(path == "devices[r2].url" and "no host" in msg for path, msg in issues)
+    assert any(path == "devices[z1].colour" for path, _ in issues)
     s = PrintSite(tmp_path, devices)
     try:
         entry = s.device("counter-1-receipt")

@@ -124,7 +124,7 @@ def metric_samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], f
 
 
 def test_config_issues_name_the_device_and_key() -> None:
-    """Every bad scanner entry is one issue at devices.N.key; other device types are not judged."""
+    """Every bad scanner entry is one issue at devices[ID].key; other types are not judged."""
     cfg = AgentConfig(site={"id": SITE}, devices=[
         {"id": "ok", "type": "scanner", "url": "serial:///dev/ttyACM0?baudrate=9600"},
         {"id": "zebra", "type": "label_printer", "url": "tcp://10.0.0.50:9100"},
@@ -134,8 +134,8 @@ def test_config_issues_name_the_device_and_key() -> None:
         {"id": "sim", "type": "scanner", "url": "sim://scanner?interval_ms=100&colour=red"},
     ])
     issues = ScannerService.config_issues(cfg)
-    assert [i.path for i in issues] == ["devices.2.debounce", "devices.3.url",
-                                        "devices.4.debounce_ms", "devices.5.url"]
+    assert [i.path for i in issues] == ["devices[typo].debounce", "devices[scheme].url",
+                                        "devices[number].debounce_ms", "devices[sim].url"]
     assert "unknown scanner option" in issues[0].message
     assert "unsupported scheme 'ftp'" in issues[1].message
     assert "whole number" in issues[2].message and "colour" in issues[3].message
@@ -150,7 +150,7 @@ def test_bad_entry_is_reported_down_and_the_rest_run(tmp_path: Path, pty: Pty) -
     try:
         devices = {d["id"]: d for d in r.service.devices()}
         assert devices["bad"]["state"] == "down"
-        assert "devices.1.terminator" in devices["bad"]["error"]
+        assert "devices[bad].terminator" in devices["bad"]["error"]
         assert devices["off"]["state"] == "disabled"
         wait_for(lambda: r.service.devices()[0]["state"] == "up", 5, what="good scanner up")
         pty.scan(TAG)
