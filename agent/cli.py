@@ -421,8 +421,9 @@ def format_status(status: dict[str, Any]) -> str:
         f"uplink  {up.get('state')}  host {up.get('host') or '-'}  acks {up.get('acks', 0)}  "
         f"resends {up.get('resends', 0)}  reconnects {up.get('reconnects', 0)}",
         f"outbox  {box.get('state')}  {human_bytes(box.get('bytes', 0))} of "
-        f"{human_bytes(box.get('max_bytes', 0))}",
-        f"  {'kind':<8} {'depth':>8} {'size':>10} {'oldest':>10} {'pending seqs':>22}",
+        f"{human_bytes(box.get('max_bytes', 0))}{_drain_line(box)}",
+        f"  {'kind':<8} {'depth':>8} {'size':>10} {'oldest':>10} {'pending seqs':>22} "
+        f"{'sending':>10} {'empty in':>9}",
     ]
     for kind, k in (box.get("kinds") or {}).items():
         age = k.get("oldest_age_s")
@@ -430,14 +431,31 @@ def format_status(status: dict[str, Any]) -> str:
         # An empty queue has no range: say so, with the last seq it had.
         seqs = (f"{k.get('first_seq')}..{last}" if k.get("depth") and k.get("first_seq")
                 else f"none (last {last})" if last else "none")
+        rate = k.get("drain_rate_eps")
+        sending = f"{_rate(rate)}" if k.get("depth") and rate else "-"
+        empty = _age(k.get("drain_eta_s")) if k.get("depth") and rate else "-"
         lines.append(f"  {kind:<8} {k.get('depth', 0):>8} {human_bytes(k.get('bytes', 0)):>10} "
-                     f"{_age(age):>10} {seqs:>22}")
+                     f"{_age(age):>10} {seqs:>22} {sending:>10} {empty:>9}")
     devices = status.get("devices") or []
     lines.append(f"devices {len(devices)}")
     for device in devices:
         lines.append(f"  {device.get('id'):<24} {device.get('type', ''):<16} "
                      f"{device.get('state')}  {device.get('last_fault') or ''}")
     return "\n".join(lines)
+
+
+def _rate(eps: float) -> str:
+    return f"{eps:.0f}/s" if eps >= 10 else f"{eps:.1f}/s"
+
+
+def _drain_line(box: dict[str, Any]) -> str:
+    """``  draining 250/s, empty in 4m`` while acks empty a backlog; else nothing."""
+    drain = box.get("drain") or {}
+    rate = drain.get("rate_eps")
+    depth = sum(int((k or {}).get("depth") or 0) for k in (box.get("kinds") or {}).values())
+    if not depth or not isinstance(rate, int | float) or rate <= 0:
+        return ""
+    return f"  draining {_rate(rate)}, empty in {_age(drain.get('eta_s'))}"
 
 
 def human_bytes(n: int | float | None) -> str:

@@ -106,15 +106,31 @@ def _plain_age(seconds: float) -> str:
     return f"{seconds / 3600:.0f} hours"
 
 
+def drain_words(waiting: int, drain: dict[str, Any] | None) -> str | None:
+    """The backlog's drain in plain words ("sending 120 a second, all sent in about 3
+    minutes"), or None when nothing waits or nothing is being sent."""
+    rate = (drain or {}).get("rate_eps")
+    if not waiting or not isinstance(rate, int | float) or rate <= 0:
+        return None
+    eta = (drain or {}).get("eta_s")
+    per = f"{rate:.0f} a second" if rate >= 1 else f"one every {1 / rate:.0f} seconds"
+    if not isinstance(eta, int | float):
+        return f"sending {per}"
+    when = "under a minute" if eta < 60 else f"about {_plain_age(eta)}"
+    return f"sending {per}, all sent in {when}"
+
+
 def hq_link(uplink: dict[str, Any], kinds: dict[str, Any], ack_timeout_s: float,
-            now: float, reasons: list[str] | None = None) -> dict[str, Any]:
+            now: float, reasons: list[str] | None = None,
+            drain: dict[str, Any] | None = None) -> dict[str, Any]:
     """Whether HQ is taking our events, and what waits; pure.
 
     Connected to the broker is not enough: with the HQ receiver down the broker
     takes every publish and nothing is ever acknowledged. So HQ counts as
     unreachable when events wait, the oldest has waited longer than the ack
     timeout, and no ack arrived in that time either. ``reasons`` (the status's):
-    HQ's acks stalled or refused say so too, in the status's words.
+    HQ's acks stalled or refused say so too, in the status's words. ``drain`` (the
+    status's ``outbox.drain``): the backlog's rate and time to empty, as ``progress``.
     """
     from agent.uplink.protocol import CAUSES
 
@@ -126,7 +142,10 @@ def hq_link(uplink: dict[str, Any], kinds: dict[str, Any], ack_timeout_s: float,
     state = uplink.get("state") or "disconnected"
     view: dict[str, Any] = {"waiting": waiting, "oldest_age_s": oldest,
                             "last_ack_age_s": since_ack, "broker": state,
-                            "host": uplink.get("host")}
+                            "host": uplink.get("host"),
+                            "drain_rate_eps": (drain or {}).get("rate_eps"),
+                            "drain_eta_s": (drain or {}).get("eta_s") if waiting else None,
+                            "progress": drain_words(waiting, drain)}
     ack_trouble = [r.split(":", 1)[1].strip() for r in reasons or []
                    if r.split(":", 1)[0] in ("acks_stalled", "acks_refused")]
     # message: plain words for store staff; detail: the same for whoever fixes it (IT).
@@ -526,7 +545,7 @@ def page_router(ctx: ApiContext, closing: threading.Event, tap: AlarmTap) -> API
             "ts": iso_ms(now),
             "status": status,
             "hq": hq_link(status.get("uplink") or {}, kinds, ctx.cfg.mqtt.ack_timeout_s, now,
-                          status.get("reasons")),
+                          status.get("reasons"), (status.get("outbox") or {}).get("drain")),
             "compliance": compliance_view(kinds, ctx.cfg.compliance.report_within_h),
             "features": features(request.app, ctx.cfg),
             "alarms": {"open": open_alarms, "recent": tap.snapshot(), "missed": tap.missed},

@@ -93,13 +93,23 @@ def _outbox_part(outbox: Outbox, now: float) -> dict[str, Any]:
             "first_seq": st.first_seq,
             "last_seq": st.last_seq,
         }
-    return {
+    part = {
         "state": outbox.state,
         "bytes": outbox.total_bytes,
         "max_bytes": outbox.max_bytes,
         "kinds": kinds,
         "counters": dict(outbox.counters),
     }
+    meter = getattr(outbox, "drain", None)
+    if meter is not None:
+        # Beyond the contract (issue 14): how fast acks empty the backlog and when it
+        # will be empty, per kind and in total (agent/outbox/drain.py).
+        progress = meter.progress({kind: k["depth"] for kind, k in kinds.items()})
+        for kind, k in kinds.items():
+            k["drain_rate_eps"] = progress["kinds"][kind]["rate_eps"]
+            k["drain_eta_s"] = progress["kinds"][kind]["eta_s"]
+        part["drain"] = {key: progress[key] for key in ("rate_eps", "eta_s", "window_s")}
+    return part
 
 
 def _refused_ack_reasons(uplink: dict[str, Any], kinds: dict[str, Any]) -> list[str]:

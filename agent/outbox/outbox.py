@@ -28,6 +28,7 @@ from agent.config import KINDS
 from agent.envelope import iso_ms
 from agent.errors import DiskFull, EventTooLarge, OutboxCorrupt, OutboxError
 from agent.outbox.ballast import Ballast
+from agent.outbox.drain import DrainMeter
 from agent.outbox.epoch import start_epoch
 from agent.outbox.reader import OutboxReader
 from agent.outbox.records import Accepted, KindState, KindStats
@@ -71,6 +72,8 @@ class Outbox:
         self._corrupt: list[OutboxCorrupt] = []
         # This opening's epoch (agent/outbox/epoch.py); the uplink puts it on the wire.
         self.epoch = ""
+        # How fast acks empty it (agent/outbox/drain.py), for status.
+        self.drain = DrainMeter()
 
     # -- lifecycle ---------------------------------------------------------
 
@@ -107,7 +110,7 @@ class Outbox:
                               max_bytes=self.max_bytes, max_batch=self.max_batch,
                               clock=self._clock, ballast=self._ballast, marks=marks,
                               requests=self._queue, listeners=self._listeners,
-                              counters=self.counters)
+                              counters=self.counters, drain=self.drain)
         if ballast_released:
             self._writer.ballast_released_at_open()
         self._thread = threading.Thread(target=self._writer.run, name="outbox-writer",

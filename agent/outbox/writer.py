@@ -28,6 +28,7 @@ from agent.envelope import UUIDv7, encode, iso_ms
 from agent.errors import DiskFull, EventTooLarge, OutboxError, OutboxFull
 from agent.idempotency import IdempotencyKeyReused
 from agent.outbox.ballast import Ballast
+from agent.outbox.drain import DrainMeter
 from agent.outbox.records import Accepted, KindState, KindStats
 from agent.outbox.recovery import Recovered
 from agent.outbox.seqmark import SeqMarks
@@ -134,8 +135,10 @@ class Writer:
     def __init__(self, recovered: Recovered, *, path: str, site: str, max_bytes: int,
                  max_batch: int, clock: Callable[[], float], ballast: Ballast,
                  marks: SeqMarks, requests: queue.SimpleQueue[object],
-                 listeners: list[Callable[[], None]], counters: dict[str, int]) -> None:
+                 listeners: list[Callable[[], None]], counters: dict[str, int],
+                 drain: DrainMeter | None = None) -> None:
         self.path = path
+        self.drain = drain or DrainMeter()
         self.site = site
         self.max_bytes = max_bytes
         self.max_batch = max_batch
@@ -611,6 +614,8 @@ class Writer:
             self.total += state.bytes - self._kinds[kind].bytes
             self._kinds[kind] = state
             self._marks.note_acked(kind, state.acked)
+        for kind, count in deleted.items():
+            self.drain.note(kind, count)
         self.counters["acked"] += sum(deleted.values())
         if self.full_since is not None and self.total <= self.max_bytes * (1 - FULL_CLEAR):
             log.info("outbox %s: below max_bytes again (%d of %d bytes)", self.path,

@@ -213,7 +213,8 @@ function renderHq(hq, uplink) {
     el("small", { class: "detail", text: ` ${hq.detail || ""}` }));
   $("#hq-last-ack").textContent = hq.last_ack_age_s === null ? "none yet" : `${ago(hq.last_ack_age_s)} ago`;
   $("#hq-waiting").textContent = hq.waiting === 0 ? "nothing: all sent"
-    : `${hq.waiting} event${hq.waiting === 1 ? "" : "s"}, oldest ${ago(hq.oldest_age_s)}`;
+    : `${hq.waiting} event${hq.waiting === 1 ? "" : "s"}, oldest ${ago(hq.oldest_age_s)}`
+      + (hq.progress ? `; ${hq.progress}` : "");
 }
 
 function renderCompliance(compliance, outbox) {
