@@ -15,14 +15,16 @@ import threading
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 from agent import __version__
 from agent.config import (
     CONFIG_ENV,
     DEFAULT_CONFIG_PATH,
     DEFAULT_HQ_CONFIG_PATH,
+    KINDS,
     AgentConfig,
     HqReceiverConfig,
     blame_env,
@@ -86,6 +88,10 @@ def _parser() -> argparse.ArgumentParser:
     export = osub.add_parser("export", parents=[common],
                              help="every pending event as JSON lines, in (kind, seq) order")
     export.add_argument("--output", "-o", help="file to write (default: stdout)")
+    export.add_argument("--kind", choices=KINDS, help="only this kind")
+    export.add_argument("--since", help="only events accepted at or after this ISO 8601 "
+                        "date or time (e.g. 2026-11-22 or 2026-11-22T06:00:00-07:00; UTC "
+                        "if no offset)")
 
     hq = sub.add_parser("hq", parents=[common], help="run the HQ receiver (CONTRACT 8)")
     hsub = hq.add_subparsers(dest="action", metavar="ACTION")
@@ -497,15 +503,70 @@ def _outbox(cfg: AgentConfig, args: argparse.Namespace) -> int:
             for env in view.peek(args.kind, args.n):
                 print(json.dumps(env))
         elif args.action == "export":
+            since = None
+            if args.since:
+                from agent.hq.store import parse_time
+
+                try:
+                    since = parse_time(args.since).timestamp()
+                except ValueError:
+                    print(f"edge-agent: --since {args.since!r}: not an ISO 8601 date or time "
+                          "(e.g. 2026-11-22 or 2026-11-22T06:00:00-07:00)", file=sys.stderr)
+                    return EXIT_CONFIG
+            # A bar only for a person watching: never into a pipe or a log file.
+            bar = ProgressBar(sys.stderr, "exporting") if sys.stderr.isatty() else None
+            progress = bar.update if bar else None
+            try:
+                if args.output:
+                    with open(args.output, "w", encoding="utf-8") as out:
+                        count = view.export(out, kind=args.kind, since=since,
+                                            progress=progress)
+                else:
+                    count = view.export(sys.stdout, kind=args.kind, since=since,
+                                        progress=progress)
+            finally:
+                if bar:
+                    bar.finish()
             if args.output:
-                with open(args.output, "w", encoding="utf-8") as out:
-                    count = view.export(out)
                 print(f"exported {count} events to {args.output}", file=sys.stderr)
-            else:
-                view.export(sys.stdout)
     finally:
         view.close()
     return EXIT_OK
+
+
+class ProgressBar:
+    """``exporting [#####.....]  52%  5,200 of 10,000`` on one terminal line, redrawn
+    at most ten times a second (and at the end)."""
+
+    WIDTH = 30
+
+    def __init__(self, stream: TextIO, label: str,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.stream = stream
+        self.label = label
+        self._clock = clock
+        self._drawn_at = -1.0
+        self._last: tuple[int, int] | None = None
+
+    def update(self, done: int, total: int) -> None:
+        self._last = (done, total)
+        now = self._clock()
+        if done >= total or now - self._drawn_at >= 0.1:
+            self._drawn_at = now
+            self._draw(done, total)
+
+    def _draw(self, done: int, total: int) -> None:
+        share = 1.0 if total <= 0 else min(1.0, done / total)
+        filled = int(share * self.WIDTH)
+        self.stream.write(f"\r{self.label} [{'#' * filled}{'.' * (self.WIDTH - filled)}] "
+                          f"{share:4.0%}  {done:,} of {total:,}")
+        self.stream.flush()
+
+    def finish(self) -> None:
+        if self._last is not None:
+            self._draw(*self._last)
+            self.stream.write("\n")
+            self.stream.flush()
 
 
 def _hq(path: str, args: argparse.Namespace) -> int:

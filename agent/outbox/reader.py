@@ -12,16 +12,25 @@ from __future__ import annotations
 import json
 import os
 import sqlite3
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from types import TracebackType
 from typing import IO, Any
 from urllib.parse import quote
 
 from agent.config import KINDS
-from agent.envelope import parse_iso
+from agent.envelope import iso_ms, parse_iso
 from agent.errors import OutboxError
 from agent.outbox.records import KindStats
 from agent.outbox.store import DB_NAME, kind_range, seq_of
+
+
+def _accepted_at(text: str) -> str:
+    """The ``ts`` of an envelope's JSON text ("" if it has none)."""
+    try:
+        ts = json.loads(text).get("ts")
+    except (ValueError, AttributeError):
+        return ""
+    return ts if isinstance(ts, str) else ""
 
 
 class OutboxReader:
@@ -64,13 +73,29 @@ class OutboxReader:
             raise OutboxError(f"unknown event kind {kind!r} (one of {', '.join(KINDS)})")
         return [json.loads(value) for _, value in self._pending(kind, n)]
 
-    def export(self, stream: IO[str]) -> int:
-        """Every pending envelope as one JSON line, in (kind, seq) order; the count."""
+    def export(self, stream: IO[str], *, kind: str | None = None, since: float | None = None,
+               progress: Callable[[int, int], None] | None = None) -> int:
+        """Every pending envelope as one JSON line, in (kind, seq) order; the count.
+
+        ``kind``: only that kind; ``since``: only events accepted at or after that
+        epoch time (the envelope's ``ts``). ``progress(done, total)`` is called as
+        rows are read (``total``: the pending events of the kinds read)."""
+        if kind is not None and kind not in KINDS:
+            raise OutboxError(f"unknown event kind {kind!r} (one of {', '.join(KINDS)})")
+        lo, hi = kind_range(kind) if kind else ("e:", "e;")
+        total = int(self._query("SELECT count(*) FROM Cache WHERE key >= ? AND key <= ?"
+                                " AND raw = 1", (lo, hi))[0][0]) if progress else 0
+        # iso_ms text sorts as time does: compare the envelope's ts as text.
+        cutoff = None if since is None else iso_ms(since)
         count = 0
-        for _, value in self._pending(None, None):
-            stream.write(bytes(value).decode("utf-8"))
-            stream.write("\n")
-            count += 1
+        for done, (_, value) in enumerate(self._pending(kind, None), start=1):
+            text = bytes(value).decode("utf-8")
+            if cutoff is None or _accepted_at(text) >= cutoff:
+                stream.write(text)
+                stream.write("\n")
+                count += 1
+            if progress is not None:
+                progress(done, total)
         return count
 
     def _pending(self, kind: str | None, n: int | None) -> Iterator[tuple[str, bytes]]:
