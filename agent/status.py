@@ -104,11 +104,8 @@ def _outbox_part(outbox: Outbox, now: float) -> dict[str, Any]:
     if meter is not None:
         # Beyond the contract (issue 14): how fast acks empty the backlog and when it
         # will be empty, per kind and in total (agent/outbox/drain.py).
-        progress = meter.progress({kind: k["depth"] for kind, k in kinds.items()})
-        for kind, k in kinds.items():
-            k["drain_rate_eps"] = progress["kinds"][kind]["rate_eps"]
-            k["drain_eta_s"] = progress["kinds"][kind]["eta_s"]
-        part["drain"] = {key: progress[key] for key in ("rate_eps", "eta_s", "window_s")}
+        # Kept apart from the contract's per-kind objects, whose keys stay as they are.
+        part["drain"] = meter.progress({kind: k["depth"] for kind, k in kinds.items()})
     return part
 
 

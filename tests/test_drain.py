@@ -106,12 +106,12 @@ def test_a_real_drain_shows_in_status_json_text_and_the_page(outbox: Outbox) -> 
     status = build_status(SimpleNamespace(  # type: ignore[arg-type]
         cfg=AgentConfig(site={"id": SITE}), outbox=outbox, uplink_snapshot=dict,
         devices_snapshot=list, started_at=time.time()))
-    sale = status["outbox"]["kinds"]["sale"]
     drain = status["outbox"]["drain"]
-    assert sale["depth"] == 400 and sale["drain_rate_eps"] > 0
-    assert sale["drain_eta_s"] == pytest.approx(400 / sale["drain_rate_eps"], rel=0.01, abs=0.1)
-    assert drain["rate_eps"] == sale["drain_rate_eps"] and drain["window_s"] == 60
-    assert status["outbox"]["kinds"]["scan"]["drain_eta_s"] == 0.0
+    sale = drain["kinds"]["sale"]
+    assert status["outbox"]["kinds"]["sale"]["depth"] == 400 and sale["rate_eps"] > 0
+    assert sale["eta_s"] == pytest.approx(400 / sale["rate_eps"], rel=0.01, abs=0.1)
+    assert drain["rate_eps"] == sale["rate_eps"] and drain["window_s"] == 60
+    assert drain["kinds"]["scan"] == {"rate_eps": 0.0, "eta_s": 0.0}
     json.dumps(status)                                 # P/health publishes it as JSON
     text = format_status(status)
     assert "draining " in text and "empty in" in text and "sending" in text
