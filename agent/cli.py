@@ -431,15 +431,17 @@ def format_status(status: dict[str, Any]) -> str:
         f"  {'kind':<8} {'depth':>8} {'size':>10} {'oldest':>10} {'pending seqs':>22} "
         f"{'sending':>10} {'empty in':>9}",
     ]
+    drains = (box.get("drain") or {}).get("kinds") or {}
     for kind, k in (box.get("kinds") or {}).items():
         age = k.get("oldest_age_s")
         last = k.get("last_seq") or 0
         # An empty queue has no range: say so, with the last seq it had.
         seqs = (f"{k.get('first_seq')}..{last}" if k.get("depth") and k.get("first_seq")
                 else f"none (last {last})" if last else "none")
-        rate = k.get("drain_rate_eps")
-        sending = f"{_rate(rate)}" if k.get("depth") and rate else "-"
-        empty = _age(k.get("drain_eta_s")) if k.get("depth") and rate else "-"
+        drain = drains.get(kind) or {}
+        rate = drain.get("rate_eps")
+        sending = _rate(rate) if k.get("depth") and rate else "-"
+        empty = _age(drain.get("eta_s")) if k.get("depth") and rate else "-"
         lines.append(f"  {kind:<8} {k.get('depth', 0):>8} {human_bytes(k.get('bytes', 0)):>10} "
                      f"{_age(age):>10} {seqs:>22} {sending:>10} {empty:>9}")
     devices = status.get("devices") or []

@@ -149,6 +149,9 @@ class AgentCollector(Collector):
         yield refusals
         yield CounterMetricFamily("edge_outbox_commits", "Group commits (SQLite transactions)",
                                   value=counters.get("commits", 0))
+        histogram = getattr(self._outbox, "commit_seconds", None)
+        if histogram is not None:
+            yield from histogram.collect()
         yield CounterMetricFamily("edge_outbox_thinned_events",
                                   "Sensor readings folded into aggregates at max_bytes",
                                   value=counters.get("thinned_events", 0))

@@ -813,6 +813,14 @@ class PrinterService(BaseService):
         return PrinterCollector(self)
 
 
+def job_outcomes(counts: dict[str, int]) -> dict[str, int]:
+    """A printer's finished jobs by final outcome, each job in exactly one: ``failed``
+    in the status counts every job never printed, ``expired`` among them."""
+    expired = counts.get("expired", 0)
+    return {"printed": counts.get("printed", 0), "sent": counts.get("sent", 0),
+            "expired": expired, "failed": max(0, counts.get("failed", 0) - expired)}
+
+
 class PrinterCollector(Collector):
     """Per printer: up, fault episodes by kind, jobs by outcome; read at scrape time."""
 
@@ -824,9 +832,18 @@ class PrinterCollector(Collector):
                                "degraded), else 0", labels=["device", "type"])
         faults = CounterMetricFamily("edge_printer_faults", "Fault episodes by kind (counted "
                                      "when a fault begins)", labels=["device", "fault"])
-        jobs = CounterMetricFamily("edge_printer_jobs", "Print jobs by what became of them "
-                                   "(held and retried: at least once)",
-                                   labels=["device", "outcome"])
+        # One final outcome per job, so sum by (device) of edge_printer_jobs_total plus
+        # edge_printer_jobs_pending is edge_printer_jobs_submitted_total; being held or
+        # retried on the way is not an outcome and has counters of its own.
+        jobs = CounterMetricFamily("edge_printer_jobs", "Finished print jobs by final outcome "
+                                   "(printed, sent unconfirmed, expired, failed otherwise); "
+                                   "disjoint, so they sum", labels=["device", "outcome"])
+        submitted = CounterMetricFamily("edge_printer_jobs_submitted", "Print jobs submitted",
+                                        labels=["device"])
+        held = CounterMetricFamily("edge_printer_jobs_held", "Jobs held (at least once) for "
+                                   "a printer fault", labels=["device"])
+        retried = CounterMetricFamily("edge_printer_jobs_retried", "Jobs that took more than "
+                                      "one attempt", labels=["device"])
         pending = GaugeMetricFamily("edge_printer_jobs_pending", "Jobs queued or held",
                                     labels=["device"])
         retries = CounterMetricFamily("edge_printer_retries", "Attempts after a job's first",
@@ -846,14 +863,13 @@ class PrinterCollector(Collector):
                           1.0 if entry["state"] in ("up", "degraded") else 0.0)
             for fault, count in entry.get("faults", {}).items():
                 faults.add_metric([device, fault], count)
-            for outcome, count in entry.get("jobs", {}).items():
-                if outcome == "pending":
-                    pending.add_metric([device], count)
-                elif outcome == "retries":
-                    retries.add_metric([device], count)
-                else:
-                    jobs.add_metric([device, outcome], count)
-        yield from (up, faults, jobs, retries, pending)
+            counts = entry.get("jobs", {})
+            for outcome, value in job_outcomes(counts).items():
+                jobs.add_metric([device, outcome], value)
+            for family, key in ((submitted, "submitted"), (held, "held"), (retried, "retried"),
+                                (retries, "retries"), (pending, "pending")):
+                family.add_metric([device], counts.get(key, 0))
+        yield from (up, faults, jobs, submitted, held, retried, retries, pending)
         yield GaugeMetricFamily("edge_printers_discovered",
                                 "Network printers advertised over mDNS", value=discovered)
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import re
 
-from prometheus_client import generate_latest
+from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from agent.climate_api import GAUGES
@@ -92,3 +92,42 @@ def test_sensor_gauges_use_base_units() -> None:
     assert names["vpd_kpa"] == ("edge_sensor_vpd_pascals", 1000.0)
     assert names["rh_pct"] == ("edge_sensor_relative_humidity_ratio", 0.01)
     assert not [n for n, _ in names.values() if BAD_UNITS.search(n)]
+
+
+def test_outbox_commit_latency_is_a_histogram_observed_per_group_commit(
+        site: Site) -> None:  # noqa: F811
+    """edge_outbox_commit_duration_seconds counts one observation per group commit."""
+    assert site.post("scan", {"code": "1A4FF0100000022000000123"}).status_code == 202
+    text = site.client.get("/metrics", headers=AUTH).text
+    families = {f.name: f for f in text_string_to_metric_families(text)}
+    commit = families["edge_outbox_commit_duration_seconds"]
+    assert commit.type == "histogram"
+    samples = {s.name: s for s in commit.samples if not s.labels}
+    commits = families["edge_outbox_commits"].samples[0].value
+    assert samples["edge_outbox_commit_duration_seconds_count"].value == commits >= 1
+    assert 0 < samples["edge_outbox_commit_duration_seconds_sum"].value < 60
+    assert problems(text) == []
+
+
+def test_printer_job_outcomes_are_disjoint_and_sum_to_the_jobs() -> None:
+    """sum by device of edge_printer_jobs_total over outcome, plus pending, is the jobs
+    submitted: held, retried and expired-within-failed no longer count a job twice."""
+    from agent.printing import PrinterCollector
+
+    counts = {"submitted": 10, "printed": 5, "sent": 1, "held": 3, "retried": 2,
+              "retries": 4, "expired": 1, "failed": 3, "pending": 1}
+    service = type("Service", (), {"devices": lambda self: [
+        {"id": "counter-1-receipt", "type": "receipt_printer", "state": "up",
+         "faults": {}, "jobs": counts}]})()
+    registry = CollectorRegistry()
+    registry.register(PrinterCollector(service))  # type: ignore[arg-type]
+    text = generate_latest(registry).decode()
+    assert problems(text) == []
+    families = {f.name: f for f in text_string_to_metric_families(text)}
+    outcomes = {s.labels["outcome"]: s.value for s in families["edge_printer_jobs"].samples}
+    assert outcomes == {"printed": 5, "sent": 1, "expired": 1, "failed": 2}
+    pending = families["edge_printer_jobs_pending"].samples[0].value
+    submitted = families["edge_printer_jobs_submitted"].samples[0].value
+    assert sum(outcomes.values()) + pending == submitted == 10
+    assert families["edge_printer_jobs_held"].samples[0].value == 3
+    assert families["edge_printer_jobs_retried"].samples[0].value == 2

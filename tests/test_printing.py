@@ -672,7 +672,9 @@ def test_fault_statistics_show_in_devices_status_and_metrics(
     assert metric_value(text, "edge_printer_faults_total", **device, fault="paper_out") == 1
     assert metric_value(text, "edge_printer_faults_total", **device, fault="head_open") == 1
     assert metric_value(text, "edge_printer_jobs_total", **device, outcome="printed") == 1
-    assert metric_value(text, "edge_printer_jobs_total", **device, outcome="retried") == 1
+    assert metric_value(text, "edge_printer_jobs_retried_total", **device) == 1
+    assert metric_value(text, "edge_printer_jobs_held_total", **device) == 1
+    assert metric_value(text, "edge_printer_jobs_submitted_total", **device) == 1
     assert metric_value(text, "edge_printer_up", **device) == 0
     assert metric_value(text, "edge_printer_up", device="packaging-zebra") == 1
 

@@ -23,6 +23,7 @@ from dataclasses import replace
 from typing import Any
 
 from diskcache import Cache
+from prometheus_client import Histogram
 
 from agent.envelope import UUIDv7, encode, iso_ms
 from agent.errors import DiskFull, EventTooLarge, OutboxError, OutboxFull
@@ -136,9 +137,11 @@ class Writer:
                  max_batch: int, clock: Callable[[], float], ballast: Ballast,
                  marks: SeqMarks, requests: queue.SimpleQueue[object],
                  listeners: list[Callable[[], None]], counters: dict[str, int],
-                 drain: DrainMeter | None = None) -> None:
+                 drain: DrainMeter | None = None,
+                 commit_seconds: Histogram | None = None) -> None:
         self.path = path
         self.drain = drain or DrainMeter()
+        self._commit_seconds = commit_seconds
         self.site = site
         self.max_bytes = max_bytes
         self.max_batch = max_batch
@@ -304,6 +307,7 @@ class Writer:
         now = self._clock()
         ts = iso_ms(now)
         batch = _Batch(self._kinds, self._thin_cursor)
+        started = time.perf_counter()
         try:
             try:
                 with cache.transact():
@@ -338,6 +342,8 @@ class Writer:
         self._apply(batch)
         if batch.rows or batch.thinned_aggregates:
             self.counters["commits"] += 1
+            if self._commit_seconds is not None:
+                self._commit_seconds.observe(time.perf_counter() - started)
         if batch.rows and self.disk_full_since is not None:
             log.info("outbox %s: disk space is back; accepting events again", self.path)
             self.disk_full_since = None
