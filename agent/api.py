@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
 import json
 import logging
 import math
@@ -583,6 +584,42 @@ def _cookie_caller(request: HTTPConnection, cookie: str) -> str:
 
 Caller = Annotated[str, Depends(authenticated_caller)]
 
+# Headers a reverse proxy on the box adds: its request comes from loopback but is
+# somebody else's, so it needs the token like any request from the LAN.
+PROXY_HEADERS = ("forwarded", "x-forwarded-for", "x-real-ip")
+
+
+def is_loopback(host: str) -> bool:
+    """127.0.0.0/8, ::1, and 127.x as a dual-stack socket shows it (``::ffff:127.0.0.1``)."""
+    try:
+        ip = ipaddress.ip_address(host)
+    except ValueError:
+        return False   # "testclient", a name: not an address on this box
+    mapped = getattr(ip, "ipv4_mapped", None)
+    return ip.is_loopback or (mapped is not None and mapped.is_loopback)
+
+
+def scraper_on_this_box(request: HTTPConnection) -> bool:
+    """A request from loopback with no token, no cookie and no proxy header."""
+    headers = request.headers
+    return (is_loopback(request.client.host if request.client else "")
+            and "authorization" not in headers and "cookie" not in headers
+            and not any(name in headers for name in PROXY_HEADERS))
+
+
+async def metrics_caller(
+        request: HTTPConnection,
+        creds: Annotated[HTTPAuthorizationCredentials | None, Security(_bearer)]) -> str:
+    """``/metrics``: open to a scraper on the box itself (a local Prometheus agent or
+    node exporter; loopback has no one else on it), token-guarded from anywhere else
+    like every other route. A token that is sent is checked, from loopback too."""
+    if creds is None and scraper_on_this_box(request):
+        return "loopback"
+    return await authenticated_caller(request, creds)
+
+
+MetricsCaller = Annotated[str, Depends(metrics_caller)]
+
 
 # -- documentation models (OpenAPI only; the handlers parse by hand, see the module doc) -----
 
@@ -675,9 +712,12 @@ def create_app(ctx: ApiContext) -> FastAPI:
         return Response(json.dumps(build_status(ctx, now=ctx.clock()), default=str),
                         media_type="application/json")
 
+    # The empty requirement appended to the bearer one says the token is optional (for a
+    # scraper on this box: 127.0.0.0/8 or ::1 with no proxy header); from elsewhere, 401.
     @app.get("/metrics", responses=_errors(401), response_class=Response,
-             summary="Prometheus text format")
-    async def prometheus(_: Caller) -> Response:
+             summary="Prometheus text format (no token needed from 127.0.0.1 or ::1)",
+             openapi_extra={"security": [{}]})
+    async def prometheus(_: MetricsCaller) -> Response:
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     @app.get("/openapi.json", include_in_schema=False)

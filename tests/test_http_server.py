@@ -401,3 +401,23 @@ def test_client_key_groups_an_ipv6_64() -> None:
     assert client_key("2001:db8:1:3::17") != client_key("2001:db8:1:2::17")
     assert client_key("::ffff:10.0.0.5") == "10.0.0.5" == client_key("10.0.0.5")
     assert client_key("testclient") == "testclient"
+
+
+@pytest.mark.e2e
+def test_metrics_need_no_token_from_this_box_over_a_real_socket(agent: LocalSite) -> None:
+    """Through the real server, /metrics from 127.0.0.1 is 200 with no token (the scope's
+    client is the socket's peer); /v1/status from there still needs one; a proxy
+    header makes /metrics need one too."""
+    def get(path: str, headers: dict[str, str] | None = None) -> tuple[int, str]:
+        conn = http.client.HTTPConnection("127.0.0.1", agent.api_port, timeout=10)
+        try:
+            conn.request("GET", path, headers=headers or {})
+            response = conn.getresponse()
+            return response.status, response.read().decode()
+        finally:
+            conn.close()
+
+    status, text = get("/metrics")
+    assert status == 200 and "edge_outbox_depth" in text
+    assert get("/v1/status")[0] == 401
+    assert get("/metrics", {"X-Forwarded-For": "192.0.2.7"})[0] == 401

@@ -131,3 +131,33 @@ def test_printer_job_outcomes_are_disjoint_and_sum_to_the_jobs() -> None:
     assert sum(outcomes.values()) + pending == submitted == 10
     assert families["edge_printer_jobs_held"].samples[0].value == 3
     assert families["edge_printer_jobs_retried"].samples[0].value == 2
+
+
+def test_metrics_are_open_on_loopback_and_token_guarded_otherwise(site: Site) -> None:  # noqa: F811
+    """A scraper on 127.0.0.1 or ::1 needs no token; from the LAN (or through a proxy on
+    the box, or with a wrong token) /metrics is 401 without a good one and 200 with one."""
+    from starlette.testclient import TestClient
+
+    # No `with`: entering a TestClient runs the app's lifespan again under the fixture.
+    assert site.client.get("/metrics").status_code == 401          # "testclient": not loopback
+    assert site.client.get("/metrics", headers=AUTH).status_code == 200
+    for host in ("127.0.0.1", "::1", "::ffff:127.0.0.1"):
+        local = TestClient(site.app, client=(host, 40000))
+        answer = local.get("/metrics")
+        assert answer.status_code == 200, answer.text
+        assert "edge_outbox_depth" in answer.text
+        assert local.get("/v1/status").status_code == 401           # only /metrics is open
+        assert local.get("/metrics", headers={"X-Forwarded-For": "10.0.0.7"}).status_code == 401
+        assert local.get("/metrics", headers={"Authorization": "Bearer nope"}).status_code == 401
+    lan = TestClient(site.app, client=("10.0.0.7", 40000))
+    assert lan.get("/metrics").status_code == 401
+    assert lan.get("/metrics", headers=AUTH).status_code == 200
+
+
+def test_loopback_addresses() -> None:
+    """127/8, ::1 and IPv4-mapped 127.x are this box; LAN addresses and names are not."""
+    from agent.api import is_loopback
+
+    assert all(map(is_loopback, ("127.0.0.1", "127.0.0.2", "::1", "::ffff:127.0.0.1")))
+    assert not any(map(is_loopback, ("10.0.0.7", "::ffff:10.0.0.7", "fe80::1", "testclient",
+                                     "")))
