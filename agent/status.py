@@ -147,8 +147,9 @@ def _stalled_ack_reasons(uplink: dict[str, Any], kinds: dict[str, Any],
         return []   # while down, uplink_down says why nothing is acked
     limit = ACK_STALL_FACTOR * ack_timeout_s
     return [f"acks_stalled: HQ has acknowledged no {kind} event for {wait:.0f} s while "
-            f"{kinds[kind].get('depth')} wait (resent after each mqtt.ack_timeout_s of "
-            f"{ack_timeout_s:g} s); is the HQ receiver running and subscribed?"
+            f"{kinds[kind].get('depth')} wait (resent after mqtt.ack_timeout_s of "
+            f"{ack_timeout_s:g} s, then at doubling intervals); is the HQ receiver "
+            f"running and subscribed?"
             for kind, wait in sorted(waits.items())
             if isinstance(wait, int | float) and wait >= limit
             and (kinds.get(kind) or {}).get("depth")]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import logging
 import socket
@@ -20,6 +21,7 @@ from agent.config import KINDS, AgentConfig
 from agent.localbroker import Broker, free_port, make_tls_files, start_broker
 from agent.outbox import Outbox
 from agent.uplink import DeliveryLedger, Uplink, parse_ack, split_host, with_epoch
+from agent.uplink.ledger import ACK_BACKOFF_MAX_FACTOR, backed_off_ack_wait
 from tests.conftest import wait_for
 
 SITE = "t-site"
@@ -69,6 +71,7 @@ class Hq:
         self.ack = ack
         self.lock = threading.Lock()
         self.events: list[dict[str, Any]] = []
+        self.arrivals: list[tuple[float, str, int]] = []   # (monotonic, kind, seq)
         self.raw: list[bytes] = []
         self.status: list[dict[str, Any]] = []
         self.results: list[dict[str, Any]] = []
@@ -90,6 +93,7 @@ class Hq:
             if "/events/" in topic:
                 env = json.loads(msg.payload)
                 self.events.append(env)
+                self.arrivals.append((time.monotonic(), env["kind"], env["seq"]))
                 self.raw.append(msg.payload)
                 kind = env["kind"]
                 self.stored[kind].add(env["seq"])
@@ -106,6 +110,11 @@ class Hq:
 
     def send_ack(self, kind: str, upto: int) -> None:
         self.client.publish(f"{ROOT}/acks", json.dumps({"kind": kind, "upto": upto}), qos=1)
+
+    def arrived(self, kind: str, seq: int) -> list[float]:
+        """When each copy of ``kind`` ``seq`` reached the test HQ (monotonic)."""
+        with self.lock:
+            return [t for t, k, s in self.arrivals if k == kind and s == seq]
 
     def seqs(self, kind: str) -> list[int]:
         with self.lock:
@@ -253,6 +262,33 @@ def test_ledger_acks_only_move_forward_and_timeouts_rewind() -> None:
     assert ledger.resends == 2        # 6 and 7 went before; 8 is new
 
 
+def test_ledger_ack_timeouts_back_off_and_an_advancing_ack_resets_them() -> None:
+    """Each unanswered ack timeout doubles the next wait (capped, jitter only lengthens);
+    an ack that advances the watermark brings back the plain ack_timeout_s."""
+    ledger = DeliveryLedger({}, max_inflight=10, hq_ack=True, ack_timeout_s=5, hold_min_s=1,
+                            rand=lambda: 0.0)
+    for seq in (1, 2):
+        ledger.record_sent("sale", seq, 0.0)
+    now, waits = 0.0, []
+    for _ in range(5):
+        assert ledger.timed_out(now + ledger.kinds["sale"].ack_wait_s - 0.01) == []
+        now += ledger.kinds["sale"].ack_wait_s
+        assert ledger.timed_out(now) == ["sale"]
+        waits.append(ledger.ack_timed_out("sale"))
+        assert ledger.kinds["sale"].sent_upto == 0      # rewound to the watermark
+        for seq in (1, 2):
+            ledger.record_sent("sale", seq, now)
+    assert waits == [10, 20, 40, 40, 40]               # 8 x 5 s is the cap
+    assert ledger.next_deadline(now) == now + 40
+    assert ledger.hq_acked("sale", 1, now + 1)
+    assert ledger.kinds["sale"].ack_wait_s == 5 and ledger.next_deadline(now + 1) == now + 6
+    assert ledger.timed_out(now + 6) == ["sale"]
+    assert ledger.ack_timed_out("sale") == 10           # the backoff starts over
+    jittered = [backed_off_ack_wait(5, n, lambda: 0.999) for n in range(1, 6)]
+    assert all(5 * min(2 ** n, ACK_BACKOFF_MAX_FACTOR) <= w <= 1.25 * 5 * min(
+        2 ** n, ACK_BACKOFF_MAX_FACTOR) for n, w in zip(range(1, 6), jittered, strict=True))
+
+
 def test_parse_ack_and_hosts() -> None:
     """Ack payloads are validated field by field; hosts may carry their own port."""
     assert parse_ack(b'{"kind":"sale","upto":3}').upto == 3  # type: ignore[union-attr]
@@ -328,6 +364,60 @@ def test_resend_after_ack_timeout(broker: Broker, outbox: Any, make_hq: Any,
     # Resends come only from what is in flight: nothing left there, nothing goes again.
     wait_for(lambda: up.snapshot()["unacked"]["sale"] == 0, what="nothing in flight")
     assert up.snapshot()["acked_upto"]["sale"] == 3
+
+
+def test_resends_back_off_while_acks_stay_stopped(broker: Broker, outbox: Any, make_hq: Any,
+                                                 make_uplink: Any) -> None:
+    """No ack at all: each resend waits twice as long as the one before (0.2, 0.4, 0.8,
+    1.6 s, the cap), instead of one resend every ack_timeout_s."""
+    hq = make_hq(broker.port)
+    up = make_uplink(config(broker.port, ack_timeout_s=0.2), outbox)
+    submit(outbox, "sale", 1)
+    copies = wait_for(lambda: len(t := hq.arrived("sale", 1)) >= 6 and t, timeout=20,
+                      what="seq 1 resent five times")
+    gaps = [b - a for a, b in itertools.pairwise(copies)]
+    # A wait only ever runs long (jitter, a busy machine); 0.8 allows for broker latency.
+    for i, gap in enumerate(gaps[:5]):
+        assert gap >= 0.8 * 0.2 * min(2 ** i, ACK_BACKOFF_MAX_FACTOR), gaps
+    assert up.snapshot()["resends"] == len(copies) - 1 >= 5
+    assert depth(outbox, "sale") == 1    # nothing deleted without HQ's ack
+
+
+def test_an_advancing_ack_resets_the_ack_backoff(broker: Broker, outbox: Any, make_hq: Any,
+                                                 make_uplink: Any) -> None:
+    """After resends backed off, an ack that moves the watermark brings back the plain
+    ack_timeout_s: what is still unacked goes again 0.2 s later, not 1.6 s, and is kept."""
+    hq = make_hq(broker.port)
+    make_uplink(config(broker.port, ack_timeout_s=0.2), outbox)
+    submit(outbox, "sale", 2)
+    copies = wait_for(lambda: len(t := hq.arrived("sale", 1)) >= 4 and t, timeout=20,
+                      what="seq 1 resent three times")
+    assert copies[3] - copies[2] >= 0.8 * 0.8, copies   # backed off to 0.8 s and more
+    acked_at = time.monotonic()
+    hq.send_ack("sale", 1)
+    wait_for(lambda: depth(outbox, "sale") == 1, what="seq 1 deleted")
+    after = wait_for(lambda: [t for t in hq.arrived("sale", 2) if t > acked_at],
+                     timeout=10, what="seq 2 resent after the ack")
+    assert after[0] - acked_at < 1.0, "the ack did not reset the backoff"
+    hq.send_ack("sale", 2)
+    wait_for(lambda: depth(outbox, "sale") == 0, what="seq 2 acked")
+
+
+def test_slow_but_advancing_acks_cause_no_resend(broker: Broker, outbox: Any, make_hq: Any,
+                                                 make_uplink: Any) -> None:
+    """HQ acks one sale every half ack_timeout_s, 8 of them over 4 timeouts: the ack
+    keeps moving, so nothing is resent (the timeout counts from the last advance)."""
+    hq = make_hq(broker.port)
+    up = make_uplink(config(broker.port, ack_timeout_s=0.6), outbox)
+    submit(outbox, "sale", 8)
+    wait_for(lambda: len(hq.seqs("sale")) == 8, what="8 sales at HQ")
+    for upto in range(1, 9):
+        due = time.monotonic() + 0.3
+        wait_for(lambda: time.monotonic() >= due, what="the ack pace")  # noqa: B023
+        hq.send_ack("sale", upto)
+    wait_for(lambda: depth(outbox, "sale") == 0, what="all acked")
+    assert up.snapshot()["resends"] == 0
+    assert hq.seqs("sale") == list(range(1, 9))
 
 
 def test_broker_killed_mid_stream(broker: Broker, outbox: Any, make_hq: Any,

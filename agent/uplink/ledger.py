@@ -9,7 +9,9 @@ the default), or the contiguous prefix of successful PUBACKs (broker-ack).
 
 from __future__ import annotations
 
+import random
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from agent.config import KINDS
@@ -25,8 +27,25 @@ QUANTUM: dict[str, int] = {"sale": 256, "plant": 256, "alarm": 64, "print": 64, 
 BULK_KINDS = frozenset({"scan", "sensor"})
 BULK_RESERVE_FRACTION = 8          # 1/8 of mqtt.max_inflight is kept for the other kinds
 PUBLISH_FAILURE_HOLD_MAX_S = 30.0  # cap of the per-kind backoff after failed PUBACKs
+# The ack timeout backs off like TCP's retransmission timer (RFC 6298 5.5): each
+# resend that the ack did not answer doubles the next wait, up to this many times
+# mqtt.ack_timeout_s (240 s at the default 30 s), and an ack that advances the kind's
+# watermark resets it. See ``DeliveryLedger.ack_timed_out``.
+ACK_BACKOFF_MAX_FACTOR = 8
+ACK_BACKOFF_JITTER = 0.25          # a backed-off wait is stretched by up to 25%, at random
 
 assert set(PRIORITY) == set(KINDS), "every kind needs a place in the uplink priority"
+
+
+def backed_off_ack_wait(base_s: float, timeouts: int, rand: Callable[[], float]) -> float:
+    """The ack wait after ``timeouts`` resends in a row got no ack: ``base_s`` doubled that
+    many times, capped at ``ACK_BACKOFF_MAX_FACTOR`` x ``base_s``; a backed-off wait is
+    stretched by up to ``ACK_BACKOFF_JITTER`` (``rand()`` in [0, 1)) so sites that
+    stalled together (an HQ outage, a reconnect storm) do not resend together."""
+    if timeouts <= 0:
+        return base_s
+    factor = float(min(ACK_BACKOFF_MAX_FACTOR, 2 ** min(timeouts, 30)))
+    return base_s * factor * (1.0 + ACK_BACKOFF_JITTER * rand())
 
 
 @dataclass
@@ -56,6 +75,10 @@ class KindLedger:
     # first send after everything sent was acked, moved by every ack that advances, and
     # kept through rewinds and reconnects (unlike progress_at, which a resend restarts).
     waiting_since: float | None = None
+    # Ack timeouts in a row without the watermark moving, and the wait they give
+    # (``backed_off_ack_wait``); both back to the start when an ack advances.
+    timeouts: int = 0
+    ack_wait_s: float = 0.0
 
 
 class DeliveryLedger:
@@ -66,9 +89,11 @@ class DeliveryLedger:
     """
 
     def __init__(self, start_after: dict[str, int], *, max_inflight: int, hq_ack: bool,
-                 ack_timeout_s: float, hold_min_s: float) -> None:
-        self.kinds = {k: KindLedger(k, start_after.get(k, 0), start_after.get(k, 0))
-                      for k in PRIORITY}
+                 ack_timeout_s: float, hold_min_s: float,
+                 rand: Callable[[], float] = random.random) -> None:
+        self.kinds = {k: KindLedger(k, start_after.get(k, 0), start_after.get(k, 0),
+                                    ack_wait_s=ack_timeout_s) for k in PRIORITY}
+        self.rand = rand
         self.max_inflight = max_inflight
         self.hq_ack = hq_ack
         self.ack_timeout_s = ack_timeout_s
@@ -125,9 +150,12 @@ class DeliveryLedger:
         k.progress_at = now
         self._acked(k, now)
 
-    @staticmethod
-    def _acked(k: KindLedger, now: float) -> None:
+    def _acked(self, k: KindLedger, now: float) -> None:
         k.waiting_since = None if k.acked_upto >= k.max_sent else now
+        # The watermark moved: HQ is alive and draining this kind. What is still out
+        # gets the plain timeout again, counted from now (progress_at).
+        k.timeouts = 0
+        k.ack_wait_s = self.ack_timeout_s
 
     def puback(self, entry: SentEvent, ok: bool, now: float) -> int | None:
         """A PUBACK for ``entry``; returns the seq the outbox may now delete upto (broker-ack).
@@ -172,9 +200,32 @@ class DeliveryLedger:
             self.rewind(kind)
 
     def timed_out(self, now: float) -> list[str]:
-        """Kinds whose ack has not advanced for ``ack_timeout_s`` while events are out."""
+        """Kinds whose ack has not advanced for their ack wait while events are out:
+        ``ack_timeout_s``, or longer after resends that got no ack (``ack_timed_out``)."""
         return [k.kind for k in self.kinds.values()
-                if k.inflight and now - k.progress_at >= self.ack_timeout_s]
+                if k.inflight and now - k.progress_at >= k.ack_wait_s]
+
+    def ack_timed_out(self, kind: str) -> float:
+        """The ack wait of ``kind`` ran out: resend it from its first unacked seq, and
+        wait twice as long (capped, jittered) for an ack before the next resend.
+
+        Why back off rather than resend every ``ack_timeout_s``: a resend is a whole
+        window (up to ``max_inflight`` events) behind everything already queued for
+        HQ. When HQ is merely behind (a reconnect storm of many sites, a slow store)
+        the originals are still in the broker's queue, every resend deepens that queue
+        by a window and pushes the ack further out, and a fixed timer turns a slow HQ
+        into a flood of duplicates (issue 12: 5.5 M for 1 M events). Doubling the wait
+        (TCP's retransmission backoff) keeps a stalled kind to a handful of resends per
+        outage, while a truly lost event is still resent, at the latest
+        ``ACK_BACKOFF_MAX_FACTOR`` x ``ack_timeout_s`` later. The wait is counted from
+        the last time the watermark moved, so acks that advance at all never cause a
+        resend, and an advancing ack resets the wait (``_acked``). Returns the new wait.
+        """
+        k = self.kinds[kind]
+        self.rewind(kind)
+        k.timeouts += 1
+        k.ack_wait_s = backed_off_ack_wait(self.ack_timeout_s, k.timeouts, self.rand)
+        return k.ack_wait_s
 
     def ack_waits(self, now: float) -> dict[str, float]:
         """Per kind with events sent and unacked: seconds since the ack last advanced
@@ -187,7 +238,7 @@ class DeliveryLedger:
         deadline = float("inf")
         for k in self.kinds.values():
             if k.inflight:
-                deadline = min(deadline, k.progress_at + self.ack_timeout_s)
+                deadline = min(deadline, k.progress_at + k.ack_wait_s)
             if k.hold_until > now:
                 deadline = min(deadline, k.hold_until)
         return deadline

@@ -11,7 +11,9 @@ envelope bytes, QoS 1 on ``P/events/{kind}``. With ``delivery = "hq-ack"`` an
 event leaves the outbox only when HQ's cumulative ack on ``P/acks`` covers it;
 when the ack stops advancing for ``ack_timeout_s`` while events are out, and on
 every reconnect, the kind is resent from its first unacked seq (the stored bytes, so
-HQ deduplicates by seq). The event that is the oldest in the outbox goes out
+HQ deduplicates by seq). Each timeout resend that gets no ack doubles the next wait
+(capped at 8 x ``ack_timeout_s``, jittered); an ack that advances resets it
+(``DeliveryLedger.ack_timed_out`` says why). The event that is the oldest in the outbox goes out
 with ``"floor": seq - 1`` spliced in (README, "Envelope extensions"): a fresh HQ
 store that never saw the seqs an earlier store acked can then ack the rest.
 With ``"broker-ack"`` the contiguous prefix of successful PUBACKs is deleted.
@@ -733,12 +735,13 @@ class Uplink:
     def _timers(self, client: mqtt.Client, now: float) -> None:
         assert self.ledger is not None
         with self._lock:
-            late = self.ledger.timed_out(now)
-            for kind in late:
-                self.ledger.rewind(kind)
-        for kind in late:
-            log.info("uplink: no ack for %s within %gs; resending from seq %d", kind,
-                     self.mq.ack_timeout_s, self.ledger.kinds[kind].acked_upto + 1)
+            late = {kind: self.ledger.kinds[kind].ack_wait_s
+                    for kind in self.ledger.timed_out(now)}
+            waits = {kind: self.ledger.ack_timed_out(kind) for kind in late}
+        for kind, waited in late.items():
+            log.info("uplink: no ack for %s within %.3gs; resending from seq %d (next resend "
+                     "after %.3gs without an ack)", kind, waited,
+                     self.ledger.kinds[kind].acked_upto + 1, waits[kind])
         if now >= self._next_health:
             self._next_health = now + self.mq.health_interval_s
             if self.health is not None:
