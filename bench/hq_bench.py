@@ -7,7 +7,10 @@ process speaking the real protocol over a small MQTT 5 client written here
 (the envelopes of ``agent.envelope.encode`` with per-site seqs and stable ids,
 QoS 1 publishes, a retained ``online`` status with an ``offline`` will, HQ's
 cumulative acks on ``P/acks`` checked for HQ's proof with the site's derived
-key, and a resend from the first unacked seq when the acks stop moving).
+key, at most ``mqtt.max_inflight`` (2000) events out without HQ's ack, and the
+agent's resend rule: from the first unacked seq when the acks stop moving for
+``ack_timeout_s``, each unanswered resend doubling the wait (capped, jittered;
+``agent.uplink.ledger.backed_off_ack_wait``), an advancing ack resetting it).
 
 - ``throughput``: 200 sites each publish ``--events`` sales at once; events
   stored and acked per second (the clock stops when every site holds the ack of
@@ -18,10 +21,13 @@ key, and a resend from the first unacked seq when the acks stop moving).
   best receiver count >= 0.5 of it.
 - ``storm``: 200 sites, each with a ``--backlog``-event backlog (5,000 is the
   issue's figure), connect at once: the time until all is stored and acked,
-  and the peak RSS (VmHWM) of the broker and of each receiver.
+  the peak RSS (VmHWM) of the broker and of each receiver, the resends and the
+  duplicates HQ stored a count of. ``--window`` sets the sites' HQ-ack window
+  (``--window 5000``: a site pushes its whole backlog, as the simulator did
+  before it followed the agent's window).
 
 Usage: python bench/hq_bench.py [throughput] [storm] [--sites 200] [--events 100]
-       [--backlog 5000] [--storm-receivers 2] [--quick]
+       [--backlog 5000] [--storm-receivers 2] [--window 2000] [--quick]
 """
 
 from __future__ import annotations
@@ -30,6 +36,7 @@ import argparse
 import asyncio
 import json
 import os
+import random
 import secrets
 import shutil
 import statistics
@@ -50,9 +57,11 @@ from agent.envelope import encode, iso_ms
 from agent.localbroker import Broker, start_broker
 from agent.localpg import PgServer, start_pg
 from agent.localsite import Proc, edge_agent_argv, sample_sale, write_toml
+from agent.uplink.ledger import backed_off_ack_wait
 
 PREFIX = "edge"
-MAX_INFLIGHT = 100        # QoS 1 publishes a site has out without a PUBACK (the agent's default)
+PUBACK_WINDOW = 100       # QoS 1 publishes a simulated site has out without the broker's PUBACK
+HQ_WINDOW = 2000          # events out without HQ's ack: the agent's mqtt.max_inflight default
 ACK_TIMEOUT_S = 30.0      # the agent's default: resend from the first unacked seq after this
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
@@ -101,8 +110,9 @@ class SimSite(asyncio.Protocol):
     """One site: publishes seqs 1..total of kind sale, follows HQ's acks."""
 
     def __init__(self, index: int, total: int, key: bytes | None, data: str,
-                 done: Callable[[SimSite], None]) -> None:
+                 done: Callable[[SimSite], None], window: int = HQ_WINDOW) -> None:
         self.index = index
+        self.window = window
         self.site = f"sim-{index:04d}"
         self.total = total
         self.key = key
@@ -117,8 +127,10 @@ class SimSite(asyncio.Protocol):
         self.acked = 0               # HQ's watermark, as its acks say
         self.inflight: dict[int, int] = {}   # packet id -> seq, awaiting PUBACK
         self.pid = 0
-        self.acks = self.bad_proofs = self.resends = 0
+        self.acks = self.bad_proofs = self.resends = self.published = 0
         self.last_progress = time.monotonic()
+        self.timeouts = 0            # ack timeouts in a row without the ack moving
+        self.ack_wait = ACK_TIMEOUT_S
         self.finished_at: float | None = None
 
     # -- envelopes ------------------------------------------------------------------
@@ -207,20 +219,27 @@ class SimSite(asyncio.Protocol):
             return
         self.acks += 1
         self.acked = upto
+        self.next_seq = max(self.next_seq, upto + 1)
         self.last_progress = time.monotonic()
+        self.timeouts, self.ack_wait = 0, ACK_TIMEOUT_S   # the agent's backoff reset
         if self.acked >= self.total and self.finished_at is None:
             self.finished_at = time.monotonic()
             self.done(self)
+            return
+        self._fill()   # the HQ-ack window opened
 
     def _fill(self) -> None:
-        """Publish while fewer than MAX_INFLIGHT wait for the broker's PUBACK."""
+        """Publish while fewer than PUBACK_WINDOW wait for the broker's PUBACK and fewer
+        than ``window`` for HQ's ack (the agent's mqtt.max_inflight)."""
         assert self.transport is not None
         out = []
-        while len(self.inflight) < MAX_INFLIGHT and self.next_seq <= self.total:
+        while len(self.inflight) < PUBACK_WINDOW and self.next_seq <= self.total \
+                and self.next_seq - self.acked <= self.window:
             self.pid = self.pid % 65535 + 1
             self.inflight[self.pid] = self.next_seq
             out.append(publish_packet(self.topic, self.pid, self.envelope(self.next_seq)))
             self.next_seq += 1
+            self.published += 1
         if out:
             self.transport.write(b"".join(out))
 
@@ -243,10 +262,13 @@ class SimSite(asyncio.Protocol):
         self._fill()
 
     def check_resend(self, now: float) -> None:
-        """The agent's rule: acks stuck for ACK_TIMEOUT_S with events out: resend."""
-        if self.finished_at is None and now - self.last_progress > ACK_TIMEOUT_S \
+        """The agent's rule: acks stuck for the ack wait with events out: resend from the
+        first unacked seq, and double the wait (``DeliveryLedger.ack_timed_out``)."""
+        if self.finished_at is None and now - self.last_progress > self.ack_wait \
                 and self.next_seq > self.acked + 1:
             self.resends += 1
+            self.timeouts += 1
+            self.ack_wait = backed_off_ack_wait(ACK_TIMEOUT_S, self.timeouts, random.random)
             self.next_seq = self.acked + 1
             self.last_progress = now
             self._fill()
@@ -258,7 +280,7 @@ class SimSite(asyncio.Protocol):
 
 
 async def simulate(port: int, sites: int, per_site: int, master: bytes | None,
-                   deadline_s: float) -> dict[str, Any]:
+                   deadline_s: float, window: int = HQ_WINDOW) -> dict[str, Any]:
     """Connect ``sites`` sites, then let them all publish; figures once all are acked."""
     data = json.dumps(sample_sale(1), separators=(",", ":"))
     all_done = asyncio.Event()
@@ -271,7 +293,7 @@ async def simulate(port: int, sites: int, per_site: int, master: bytes | None,
             all_done.set()
 
     sims = [SimSite(i, per_site, None if master is None else
-                    proof.derive_site_key(master, f"sim-{i:04d}"), data, done)
+                    proof.derive_site_key(master, f"sim-{i:04d}"), data, done, window)
             for i in range(sites)]
     await asyncio.gather(*(s.start(port) for s in sims))
     started = time.monotonic()
@@ -301,6 +323,8 @@ async def simulate(port: int, sites: int, per_site: int, master: bytes | None,
             "median_site_s": round(statistics.median(ends), 3) if ends else None,
             "acks": sum(s.acks for s in sims), "bad_proofs": sum(s.bad_proofs for s in sims),
             "resends": sum(s.resends for s in sims),
+            "sites_that_resent": sum(1 for s in sims if s.resends),
+            "events_published": sum(s.published for s in sims),
             "envelope_bytes": len(sims[0].envelope(1))}
 
 
@@ -377,14 +401,14 @@ class Hq:
 
 
 def run_sim(broker: Broker, hq: Hq, pg: PgServer | None, sites: int, per_site: int,
-            master: bytes, deadline_s: float) -> dict[str, Any]:
+            master: bytes, deadline_s: float, window: int = HQ_WINDOW) -> dict[str, Any]:
     assert broker.proc is not None
     watch = {"receivers": hq.pids, "broker": [broker.proc.pid]}
     if pg is not None:
         watch["postgresql"] = tree(pg.proc.pid)
     before = {name: cpu_s(pids) for name, pids in watch.items()}
     self_before = time.process_time()
-    result = asyncio.run(simulate(broker.port, sites, per_site, master, deadline_s))
+    result = asyncio.run(simulate(broker.port, sites, per_site, master, deadline_s, window))
     if pg is not None:
         watch["postgresql"] = tree(pg.proc.pid)
     events = sites * per_site
@@ -479,8 +503,19 @@ def bench_throughput(work: Path, broker: Broker, pg: PgServer, master: Path, sit
             "goal": "best ratio >= 0.5"}
 
 
+def stored_and_duplicates(store: str) -> tuple[int, int]:
+    """Rows in HQ's PostgreSQL store, and the redeliveries it counted on them."""
+    import psycopg
+
+    with psycopg.connect(store) as conn:
+        row = conn.execute("SELECT count(*), coalesce(sum(dups), 0) FROM events").fetchone()
+    assert row is not None
+    return int(row[0]), int(row[1])
+
+
 def bench_storm(work: Path, broker: Broker, pg: PgServer, master: Path, sites: int,
-                backlog: int, receivers: int) -> dict[str, Any]:
+                backlog: int, receivers: int, window: int = HQ_WINDOW,
+                deadline_s: float = 3600) -> dict[str, Any]:
     store = pg.create_database("storm")
     run_dir = work / "storm"
     run_dir.mkdir()
@@ -488,13 +523,16 @@ def bench_storm(work: Path, broker: Broker, pg: PgServer, master: Path, sites: i
     try:
         hq.wait_connected()
         result = run_sim(broker, hq, pg, sites, backlog, proof.read_master_key(str(master)),
-                         3600)
+                         deadline_s, window)
         result["peak_rss_mb"] = {"broker": hwm_mb(broker.proc.pid),
                                  "receivers": [hwm_mb(p) for p in hq.pids]}
+        result["stored_rows"], result["duplicates_counted_by_hq"] = \
+            stored_and_duplicates(store)
     finally:
         hq.stop()
     result.update({"sites": sites, "backlog_per_site": backlog, "receivers": receivers,
-                   "store": "postgresql"})
+                   "store": "postgresql", "hq_ack_window": window,
+                   "ack_timeout_s": ACK_TIMEOUT_S})
     return result
 
 
@@ -506,6 +544,10 @@ def main() -> None:
     parser.add_argument("--backlog", type=int, default=5000, help="backlog per site (storm)")
     parser.add_argument("--receivers", default="1,2,4")
     parser.add_argument("--storm-receivers", type=int, default=2)
+    parser.add_argument("--window", type=int, default=HQ_WINDOW,
+                        help="events a site has out without HQ's ack (mqtt.max_inflight)")
+    parser.add_argument("--storm-deadline", type=float, default=3600,
+                        help="give the storm up after this many seconds")
     parser.add_argument("--quick", action="store_true", help="small sizes, a smoke test")
     args = parser.parse_args()
     if args.quick:
@@ -526,7 +568,7 @@ def main() -> None:
                 [int(n) for n in args.receivers.split(",")])
         if "storm" in args.which:
             out["storm"] = bench_storm(work, broker, pg, master, args.sites, args.backlog,
-                                       args.storm_receivers)
+                                       args.storm_receivers, args.window, args.storm_deadline)
     finally:
         pg.stop()
         broker.stop()
