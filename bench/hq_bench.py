@@ -129,8 +129,11 @@ class SimSite(asyncio.Protocol):
         self.pid = 0
         self.acks = self.bad_proofs = self.resends = self.published = 0
         self.last_progress = time.monotonic()
-        self.timeouts = 0            # ack timeouts in a row without the ack moving
+        self.timeouts = 0            # ack timeouts in a row (the agent's backoff)
         self.ack_wait = ACK_TIMEOUT_S
+        self.backoff_upto = 0        # highest seq sent before the last timeout
+        self.max_sent = 0
+        self.first_ack_at: float | None = None
         self.finished_at: float | None = None
 
     # -- envelopes ------------------------------------------------------------------
@@ -221,7 +224,10 @@ class SimSite(asyncio.Protocol):
         self.acked = upto
         self.next_seq = max(self.next_seq, upto + 1)
         self.last_progress = time.monotonic()
-        self.timeouts, self.ack_wait = 0, ACK_TIMEOUT_S   # the agent's backoff reset
+        if self.first_ack_at is None:
+            self.first_ack_at = self.last_progress
+        if upto > self.backoff_upto:   # the agent's reset (Karn's rule)
+            self.timeouts, self.ack_wait = 0, ACK_TIMEOUT_S
         if self.acked >= self.total and self.finished_at is None:
             self.finished_at = time.monotonic()
             self.done(self)
@@ -238,6 +244,7 @@ class SimSite(asyncio.Protocol):
             self.pid = self.pid % 65535 + 1
             self.inflight[self.pid] = self.next_seq
             out.append(publish_packet(self.topic, self.pid, self.envelope(self.next_seq)))
+            self.max_sent = max(self.max_sent, self.next_seq)
             self.next_seq += 1
             self.published += 1
         if out:
@@ -268,6 +275,7 @@ class SimSite(asyncio.Protocol):
                 and self.next_seq > self.acked + 1:
             self.resends += 1
             self.timeouts += 1
+            self.backoff_upto = self.max_sent
             self.ack_wait = backed_off_ack_wait(ACK_TIMEOUT_S, self.timeouts, random.random)
             self.next_seq = self.acked + 1
             self.last_progress = now
@@ -301,10 +309,18 @@ async def simulate(port: int, sites: int, per_site: int, master: bytes | None,
         s.go()
 
     async def watchdog() -> None:
+        tick = 0
         while not all_done.is_set():
             now = time.monotonic()
             for s in sims:
                 s.check_resend(now)
+            tick += 1
+            if tick % 10 == 0:   # progress on stderr, every 10 s
+                print(f"hq_bench: {now - started:.0f} s: acked "
+                      f"{sum(s.acked for s in sims)}/{sites * per_site}, sites with an ack "
+                      f"{sum(1 for s in sims if s.first_ack_at)}, resends "
+                      f"{sum(s.resends for s in sims)}, published "
+                      f"{sum(s.published for s in sims)}", file=sys.stderr)
             await asyncio.sleep(1.0)
 
     dog = asyncio.create_task(watchdog())
@@ -318,11 +334,14 @@ async def simulate(port: int, sites: int, per_site: int, master: bytes | None,
     for s in sims:
         s.close()
     ends = sorted(s.finished_at - started for s in sims if s.finished_at is not None)
+    firsts = [s.first_ack_at - started for s in sims if s.first_ack_at is not None]
     return {"ok": ok, "elapsed_s": elapsed, "sites_done": len(ends),
             "last_site_s": round(ends[-1], 3) if ends else None,
             "median_site_s": round(statistics.median(ends), 3) if ends else None,
             "acks": sum(s.acks for s in sims), "bad_proofs": sum(s.bad_proofs for s in sims),
             "resends": sum(s.resends for s in sims),
+            "first_ack_s": {"median": round(statistics.median(firsts), 3) if firsts else None,
+                            "max": round(max(firsts), 3) if firsts else None},
             "sites_that_resent": sum(1 for s in sims if s.resends),
             "events_published": sum(s.published for s in sims),
             "envelope_bytes": len(sims[0].envelope(1))}

@@ -264,7 +264,7 @@ def test_ledger_acks_only_move_forward_and_timeouts_rewind() -> None:
 
 def test_ledger_ack_timeouts_back_off_and_an_advancing_ack_resets_them() -> None:
     """Each unanswered ack timeout doubles the next wait (capped, jitter only lengthens);
-    an ack that advances the watermark brings back the plain ack_timeout_s."""
+    an ack of resent seqs restarts the backed-off wait, one past them (Karn) resets it."""
     ledger = DeliveryLedger({}, max_inflight=10, hq_ack=True, ack_timeout_s=5, hold_min_s=1,
                             rand=lambda: 0.0)
     for seq in (1, 2):
@@ -280,10 +280,16 @@ def test_ledger_ack_timeouts_back_off_and_an_advancing_ack_resets_them() -> None
             ledger.record_sent("sale", seq, now)
     assert waits == [10, 20, 40, 40, 40]               # 8 x 5 s is the cap
     assert ledger.next_deadline(now) == now + 40
-    assert ledger.hq_acked("sale", 1, now + 1)
-    assert ledger.kinds["sale"].ack_wait_s == 5 and ledger.next_deadline(now + 1) == now + 6
-    assert ledger.timed_out(now + 6) == ["sale"]
-    assert ledger.ack_timed_out("sale") == 10           # the backoff starts over
+    assert ledger.hq_acked("sale", 1, now + 1)          # a resent seq: still backed off
+    assert ledger.next_deadline(now + 1) == now + 41 and ledger.timed_out(now + 40) == []
+    assert ledger.hq_acked("sale", 2, now + 2)          # the copies' seqs, all of them
+    assert ledger.kinds["sale"].ack_wait_s == 40
+    for seq in (3, 4):
+        ledger.record_sent("sale", seq, now + 3)
+    assert ledger.hq_acked("sale", 3, now + 4)          # sent once: the backoff is over
+    assert ledger.kinds["sale"].ack_wait_s == 5 and ledger.next_deadline(now + 4) == now + 9
+    assert ledger.timed_out(now + 9) == ["sale"]
+    assert ledger.ack_timed_out("sale") == 10           # and starts over
     jittered = [backed_off_ack_wait(5, n, lambda: 0.999) for n in range(1, 6)]
     assert all(5 * min(2 ** n, ACK_BACKOFF_MAX_FACTOR) <= w <= 1.25 * 5 * min(
         2 ** n, ACK_BACKOFF_MAX_FACTOR) for n, w in zip(range(1, 6), jittered, strict=True))
@@ -385,8 +391,9 @@ def test_resends_back_off_while_acks_stay_stopped(broker: Broker, outbox: Any, m
 
 def test_an_advancing_ack_resets_the_ack_backoff(broker: Broker, outbox: Any, make_hq: Any,
                                                  make_uplink: Any) -> None:
-    """After resends backed off, an ack that moves the watermark brings back the plain
-    ack_timeout_s: what is still unacked goes again 0.2 s later, not 1.6 s, and is kept."""
+    """After resends backed off to 1.6 s: an ack of resent seqs restarts that wait (seq 2
+    goes again 1.6 s later, not 0.2 s); an ack of a seq sent once since (Karn's rule)
+    brings back the plain 0.2 s for what is still out; nothing is lost."""
     hq = make_hq(broker.port)
     make_uplink(config(broker.port, ack_timeout_s=0.2), outbox)
     submit(outbox, "sale", 2)
@@ -397,10 +404,19 @@ def test_an_advancing_ack_resets_the_ack_backoff(broker: Broker, outbox: Any, ma
     hq.send_ack("sale", 1)
     wait_for(lambda: depth(outbox, "sale") == 1, what="seq 1 deleted")
     after = wait_for(lambda: [t for t in hq.arrived("sale", 2) if t > acked_at],
-                     timeout=10, what="seq 2 resent after the ack")
-    assert after[0] - acked_at < 1.0, "the ack did not reset the backoff"
+                     timeout=10, what="seq 2 resent after the partial ack")
+    assert after[0] - acked_at >= 0.8 * 1.6, "a partial ack of resent seqs reset the backoff"
     hq.send_ack("sale", 2)
     wait_for(lambda: depth(outbox, "sale") == 0, what="seq 2 acked")
+    submit(outbox, "sale", 2, start=2)
+    wait_for(lambda: hq.arrived("sale", 4), what="seqs 3 and 4 at HQ")
+    acked_at = time.monotonic()
+    hq.send_ack("sale", 3)
+    fourth = wait_for(lambda: [t for t in hq.arrived("sale", 4) if t > acked_at],
+                      timeout=10, what="seq 4 resent after the ack of 3")
+    assert fourth[0] - acked_at < 1.0, "an ack of a fresh seq did not reset the backoff"
+    hq.send_ack("sale", 4)
+    wait_for(lambda: depth(outbox, "sale") == 0, what="seq 4 acked")
 
 
 def test_slow_but_advancing_acks_cause_no_resend(broker: Broker, outbox: Any, make_hq: Any,

@@ -29,8 +29,8 @@ BULK_RESERVE_FRACTION = 8          # 1/8 of mqtt.max_inflight is kept for the ot
 PUBLISH_FAILURE_HOLD_MAX_S = 30.0  # cap of the per-kind backoff after failed PUBACKs
 # The ack timeout backs off like TCP's retransmission timer (RFC 6298 5.5): each
 # resend that the ack did not answer doubles the next wait, up to this many times
-# mqtt.ack_timeout_s (240 s at the default 30 s), and an ack that advances the kind's
-# watermark resets it. See ``DeliveryLedger.ack_timed_out``.
+# mqtt.ack_timeout_s (240 s at the default 30 s), and an ack past every seq sent before
+# the last timeout resets it. See ``DeliveryLedger.ack_timed_out``.
 ACK_BACKOFF_MAX_FACTOR = 8
 ACK_BACKOFF_JITTER = 0.25          # a backed-off wait is stretched by up to 25%, at random
 
@@ -75,10 +75,12 @@ class KindLedger:
     # first send after everything sent was acked, moved by every ack that advances, and
     # kept through rewinds and reconnects (unlike progress_at, which a resend restarts).
     waiting_since: float | None = None
-    # Ack timeouts in a row without the watermark moving, and the wait they give
-    # (``backed_off_ack_wait``); both back to the start when an ack advances.
+    # Ack timeouts in a row, the wait they give (``backed_off_ack_wait``), and the
+    # highest seq sent before the last of them: only an ack beyond it (of an event sent
+    # once since) resets the backoff, Karn's rule (see ``DeliveryLedger.ack_timed_out``).
     timeouts: int = 0
     ack_wait_s: float = 0.0
+    backoff_upto: int = 0
 
 
 class DeliveryLedger:
@@ -152,10 +154,13 @@ class DeliveryLedger:
 
     def _acked(self, k: KindLedger, now: float) -> None:
         k.waiting_since = None if k.acked_upto >= k.max_sent else now
-        # The watermark moved: HQ is alive and draining this kind. What is still out
-        # gets the plain timeout again, counted from now (progress_at).
-        k.timeouts = 0
-        k.ack_wait_s = self.ack_timeout_s
+        # The watermark moved: HQ is alive and draining this kind, and the ack wait
+        # restarts from now (progress_at). Past every seq sent before the last timeout
+        # the backoff is over too; an ack of resent seqs only (the originals or their
+        # copies, still queued behind HQ's backlog) keeps the backed-off wait.
+        if k.acked_upto > k.backoff_upto:
+            k.timeouts = 0
+            k.ack_wait_s = self.ack_timeout_s
 
     def puback(self, entry: SentEvent, ok: bool, now: float) -> int | None:
         """A PUBACK for ``entry``; returns the seq the outbox may now delete upto (broker-ack).
@@ -219,9 +224,14 @@ class DeliveryLedger:
         outage, while a truly lost event is still resent, at the latest
         ``ACK_BACKOFF_MAX_FACTOR`` x ``ack_timeout_s`` later. The wait is counted from
         the last time the watermark moved, so acks that advance at all never cause a
-        resend, and an advancing ack resets the wait (``_acked``). Returns the new wait.
+        resend. An ack that advances restarts the wait; it resets the backoff only once
+        it covers a seq sent after the timeout (Karn's rule, as TCP does): while HQ
+        works through the originals and the copies of a resent window, the ack pauses
+        whenever HQ is on copies, and a plain timeout there would resend again, each
+        round adding a window. Returns the new wait.
         """
         k = self.kinds[kind]
+        k.backoff_upto = k.max_sent
         self.rewind(kind)
         k.timeouts += 1
         k.ack_wait_s = backed_off_ack_wait(self.ack_timeout_s, k.timeouts, self.rand)

@@ -12,10 +12,11 @@ event leaves the outbox only when HQ's cumulative ack on ``P/acks`` covers it;
 when the ack stops advancing for ``ack_timeout_s`` while events are out, and on
 every reconnect, the kind is resent from its first unacked seq (the stored bytes, so
 HQ deduplicates by seq). Each timeout resend that gets no ack doubles the next wait
-(capped at 8 x ``ack_timeout_s``, jittered); an ack that advances resets it
-(``DeliveryLedger.ack_timed_out`` says why). The event that is the oldest in the outbox goes out
-with ``"floor": seq - 1`` spliced in (README, "Envelope extensions"): a fresh HQ
-store that never saw the seqs an earlier store acked can then ack the rest.
+(capped at 8 x ``ack_timeout_s``, jittered); an ack past what was sent before the
+timeout resets it (``DeliveryLedger.ack_timed_out`` says why). The event that is
+the oldest in the outbox goes out with ``"floor": seq - 1`` spliced in (README,
+"Envelope extensions"): a fresh HQ store that never saw the seqs an earlier store
+acked can then ack the rest.
 With ``"broker-ack"`` the contiguous prefix of successful PUBACKs is deleted.
 A PUBACK with a failure reason (an ACL denial under MQTT 5) is not a delivery:
 the kind is resent after a backoff.
