@@ -387,11 +387,15 @@ def hwm_mb(pid: int) -> float | None:
 class Hq:
     """``n`` real ``edge-agent hq`` receivers on one store, acks with proof."""
 
-    def __init__(self, work: Path, port: int, store: str, n: int, master: Path) -> None:
+    def __init__(self, work: Path, port: int, store: str, n: int, master: Path,
+                 max_inflight: int | None = None) -> None:
         self.config = work / "hq.toml"
+        mqtt: dict[str, Any] = {"hosts": ["127.0.0.1"], "port": port, "tls": False,
+                                "keepalive_s": 30, "backoff_min_s": 0.1, "backoff_max_s": 1.0}
+        if max_inflight is not None:
+            mqtt["max_inflight"] = max_inflight   # the receivers' own QoS 1 acks in flight
         write_toml(self.config, {
-            "mqtt": {"hosts": ["127.0.0.1"], "port": port, "tls": False, "keepalive_s": 30,
-                     "backoff_min_s": 0.1, "backoff_max_s": 1.0},
+            "mqtt": mqtt,
             # A share group of its own: no session of an earlier run takes a share.
             "hq": {"store": store, "http_port": 0, "master_key_file": str(master),
                    "share_group": f"hq{secrets.token_hex(4)}"},
@@ -534,11 +538,11 @@ def stored_and_duplicates(store: str) -> tuple[int, int]:
 
 def bench_storm(work: Path, broker: Broker, pg: PgServer, master: Path, sites: int,
                 backlog: int, receivers: int, window: int = HQ_WINDOW,
-                deadline_s: float = 3600) -> dict[str, Any]:
+                deadline_s: float = 3600, hq_max_inflight: int | None = None) -> dict[str, Any]:
     store = pg.create_database("storm")
     run_dir = work / "storm"
     run_dir.mkdir()
-    hq = Hq(run_dir, broker.port, store, receivers, master)
+    hq = Hq(run_dir, broker.port, store, receivers, master, hq_max_inflight)
     try:
         hq.wait_connected()
         result = run_sim(broker, hq, pg, sites, backlog, proof.read_master_key(str(master)),
@@ -551,7 +555,8 @@ def bench_storm(work: Path, broker: Broker, pg: PgServer, master: Path, sites: i
         hq.stop()
     result.update({"sites": sites, "backlog_per_site": backlog, "receivers": receivers,
                    "store": "postgresql", "hq_ack_window": window,
-                   "ack_timeout_s": ACK_TIMEOUT_S})
+                   "ack_timeout_s": ACK_TIMEOUT_S,
+                   "hq_mqtt_max_inflight": hq_max_inflight or "default (2000)"})
     return result
 
 
@@ -565,6 +570,8 @@ def main() -> None:
     parser.add_argument("--storm-receivers", type=int, default=2)
     parser.add_argument("--window", type=int, default=HQ_WINDOW,
                         help="events a site has out without HQ's ack (mqtt.max_inflight)")
+    parser.add_argument("--hq-max-inflight", type=int, default=None,
+                        help="the receivers' mqtt.max_inflight (their QoS 1 acks in flight)")
     parser.add_argument("--storm-deadline", type=float, default=3600,
                         help="give the storm up after this many seconds")
     parser.add_argument("--quick", action="store_true", help="small sizes, a smoke test")
@@ -587,7 +594,8 @@ def main() -> None:
                 [int(n) for n in args.receivers.split(",")])
         if "storm" in args.which:
             out["storm"] = bench_storm(work, broker, pg, master, args.sites, args.backlog,
-                                       args.storm_receivers, args.window, args.storm_deadline)
+                                       args.storm_receivers, args.window, args.storm_deadline,
+                                       args.hq_max_inflight)
     finally:
         pg.stop()
         broker.stop()

@@ -222,13 +222,13 @@ class DeliveryLedger:
         into a flood of duplicates (issue 12: 5.5 M for 1 M events). Doubling the wait
         (TCP's retransmission backoff) keeps a stalled kind to a handful of resends per
         outage, while a truly lost event is still resent, at the latest
-        ``ACK_BACKOFF_MAX_FACTOR`` x ``ack_timeout_s`` later. The wait is counted from
-        the last time the watermark moved, so acks that advance at all never cause a
-        resend. An ack that advances restarts the wait; it resets the backoff only once
-        it covers a seq sent after the timeout (Karn's rule, as TCP does): while HQ
-        works through the originals and the copies of a resent window, the ack pauses
-        whenever HQ is on copies, and a plain timeout there would resend again, each
-        round adding a window. Returns the new wait.
+        ``ACK_BACKOFF_MAX_FACTOR`` x ``ack_timeout_s`` (plus the jitter) later. The
+        wait is counted from the last time the watermark moved, so acks that advance
+        within it never cause a resend. An ack that advances restarts the wait; it
+        resets the backoff only once it covers a seq sent after the timeout (Karn's
+        rule, as TCP does): while HQ works through the originals and the copies of a
+        resent window, the ack pauses whenever HQ is on copies, and a plain timeout
+        there would resend again, each round adding a window. Returns the new wait.
         """
         k = self.kinds[kind]
         k.backoff_upto = k.max_sent
