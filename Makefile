@@ -16,7 +16,7 @@ test: bootstrap
 
 # A private mosquitto, the HQ receiver and the daemon on simulated devices.
 demo: bootstrap
-	$(PYTHON) -m agent.demo
+	$(PYTHON) -m agent.testing.demo
 
 # Each bench/*.py prints its JSON result (with its baseline measured in the same run).
 bench: bootstrap

@@ -34,7 +34,7 @@ from agent.config import (
     load_hq_config,
 )
 from agent.errors import AgentError, ConfigError
-from agent.install import Resolve, under
+from agent.ops.install import Resolve, under
 
 EXIT_OK, EXIT_DEGRADED, EXIT_CONFIG, EXIT_UNREACHABLE = 0, 1, 2, 3
 # --root's default: an image build (or the README test) sets it once for every command.
@@ -253,10 +253,10 @@ def validated_config(path: str, resolve: Resolve | None = None) -> AgentConfig:
     exactly the messages ``check-config`` prints (exit 2 either way). With
     ``resolve`` (``--root``), the files the config names are read where it says.
     """
-    from agent.auth import Tokens
+    from agent.devices.family import config_issues
     from agent.errors import ConfigIssue
-    from agent.install import rooted
-    from agent.services import config_issues
+    from agent.ops.install import rooted
+    from agent.web.auth import Tokens
 
     try:
         cfg = load_agent_config(path, rooted(resolve) if resolve else None)
@@ -282,7 +282,7 @@ def validated_config(path: str, resolve: Resolve | None = None) -> AgentConfig:
             value = getattr(cfg.mqtt, key)
             if value and not _readable(value):
                 later.append(ConfigIssue(f"mqtt.{key}", f"cannot read {value}"))
-        from agent.config_checks import mqtt_issues
+        from agent.ops.config_checks import mqtt_issues
 
         later.extend(mqtt_issues(cfg.mqtt))
         if cfg.mqtt.hq_key_file:
@@ -300,10 +300,10 @@ def validated_config(path: str, resolve: Resolve | None = None) -> AgentConfig:
 
 def validated_hq_config(path: str, resolve: Resolve | None = None) -> HqReceiverConfig:
     """Load an HQ config and check the files the receiver reads, as one list of issues."""
-    from agent.auth import Tokens
     from agent.errors import ConfigIssue
-    from agent.install import rooted
+    from agent.ops.install import rooted
     from agent.proof import KeyFileError, read_master_key
+    from agent.web.auth import Tokens
 
     try:
         cfg = load_hq_config(path, rooted(resolve) if resolve else None)
@@ -362,7 +362,7 @@ def hq_summary(path: str, resolve: Resolve | None = None) -> str:
 
 
 def _check_config(path: str, root: str = "", hq: bool | None = None) -> int:
-    from agent.install import resolver
+    from agent.ops.install import resolver
 
     resolve = resolver(root) if root else None
     summary = hq_summary if (_is_hq_file(path) if hq is None else hq) else site_summary
@@ -371,7 +371,7 @@ def _check_config(path: str, root: str = "", hq: bool | None = None) -> int:
 
 
 def _install(args: argparse.Namespace, root: str) -> int:
-    from agent import install
+    from agent.ops import install
 
     bundle = install.Bundle.read(args.bundle) if args.bundle else None
     plan = install.site_plan(site=args.site, name=args.name, timezone=args.timezone,
@@ -398,7 +398,7 @@ def _readable(path: str) -> bool:
 
 
 def _status(cfg: AgentConfig, as_json: bool) -> int:
-    from agent.auth import Tokens
+    from agent.web.auth import Tokens
 
     host = "127.0.0.1" if cfg.api.bind in ("0.0.0.0", "::", "") else cfg.api.bind  # noqa: S104
     url = f"http://{host}:{cfg.api.port}/v1/status"
@@ -507,7 +507,7 @@ def _outbox(cfg: AgentConfig, args: argparse.Namespace) -> int:
         elif args.action == "export":
             since = None
             if args.since:
-                from agent.hq.store import parse_time
+                from hq.store import parse_time
 
                 try:
                     since = parse_time(args.since).timestamp()
@@ -581,34 +581,35 @@ def _hq(path: str, args: argparse.Namespace) -> int:
         return _pki(path, args, root)
     cfg = load_hq_config(path)
     if args.action == "report":
-        from agent.hq.report import report_main
+        from hq.report import report_main
 
         return report_main(cfg, args.site, args.since, args.json, date=args.date)
     if args.action == "fleet":
-        from agent.hq.fleet_cli import fleet_main
+        from hq.fleet_cli import fleet_main
 
         return fleet_main(cfg, args.json)
     if args.action == "send":
-        from agent.hq.fleet_cli import send_main
+        from hq.fleet_cli import send_main
 
         return send_main(cfg, args.name, args.site, args.args, args.args_file,
                          timeout=args.timeout)
     if args.action == "site-key":
         return _site_key(cfg, args.site)
     if args.action == "metrc":
-        from agent.hq.metrc.cli import retry_main, status_main
+        from hq.metrc.cli import retry_main, status_main
 
         if args.metrc_action == "status":
             return status_main(cfg, args.site, args.date, args.json)
         return retry_main(cfg, args.event, args.site, args.failed, args.wait)
     import signal
 
-    from agent import logs, sdnotify
+    from agent import logs
+    from agent.ops import sdnotify
 
     logs.setup(args.log_level, cfg.log.format)
-    from agent.hq.metrics import HqMetrics
-    from agent.hq.receiver import HqReceiver
-    from agent.hq.web import start_web
+    from hq.metrics import HqMetrics
+    from hq.receiver import HqReceiver
+    from hq.web import start_web
 
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -621,7 +622,7 @@ def _hq(path: str, args: argparse.Namespace) -> int:
     forwarder = _start_metrc(cfg, metrics)
     retention = None
     if cfg.hq.retention_days > 0:
-        from agent.hq.retention import RetentionRunner, retention_sinks
+        from hq.retention import RetentionRunner, retention_sinks
 
         retention = RetentionRunner(cfg.hq.store, cfg.hq.retention_days, retention_sinks(cfg))
         retention.start()
@@ -654,13 +655,13 @@ def _start_metrc(cfg: HqReceiverConfig, metrics: Any) -> Any:
     the receiver keeps storing, and ``hq metrc status`` shows the sales waiting."""
     if not cfg.metrc.enabled:
         return None
-    from agent.hq.metrc.forwarder import Forwarder, ForwarderError
-    from agent.hq.store import StoreError
+    from hq.metrc.forwarder import Forwarder, ForwarderError
+    from hq.store import StoreError
 
     try:
         forwarder = Forwarder(cfg, registry=metrics.registry)
     except (ForwarderError, StoreError) as exc:
-        logging.getLogger("agent.hq.metrc").error(
+        logging.getLogger("hq.metrc").error(
             "metrc: not forwarding to Metrc: %s (sales are stored and wait)", exc)
         return None
     forwarder.start()
@@ -670,7 +671,7 @@ def _start_metrc(cfg: HqReceiverConfig, metrics: Any) -> Any:
 def _hq_install(args: argparse.Namespace, root: str) -> int:
     import datetime as dt
 
-    from agent import install
+    from agent.ops import install
 
     plan = install.hq_plan(hosts=args.broker, port=args.port,
                            exec_path=install.console_script(root))
@@ -698,10 +699,10 @@ def _hq_install(args: argparse.Namespace, root: str) -> int:
 def _pki(path: str, args: argparse.Namespace, root: str) -> int:
     import datetime as dt
 
-    from agent import install
     from agent.config import SITE_ID_RE
-    from agent.hq import pki
+    from agent.ops import install
     from agent.proof import derive_site_key, read_master_key
+    from hq import pki
 
     resolve = install.resolver(root)
     cfg = load_hq_config(path)
@@ -774,7 +775,7 @@ def _site_key(cfg: HqReceiverConfig, site: str) -> int:
 
 
 def _print_preview(path: str, args: argparse.Namespace) -> int:
-    from agent.printing import preview_main
+    from agent.devices.printing import preview_main
 
     kind = "receipt" if args.sale else "label"
     return preview_main(lambda: load_agent_config(path), kind, args.sale or args.label,
@@ -782,8 +783,8 @@ def _print_preview(path: str, args: argparse.Namespace) -> int:
 
 
 def _devices(cfg: AgentConfig, args: argparse.Namespace) -> int:
-    from agent.discovery import devices_main
-    from agent.hardware import format_inventory, inventory
+    from agent.devices.discovery import devices_main
+    from agent.ops.hardware import format_inventory, inventory
 
     configured = [d.model_dump(include={"id", "type", "url", "enabled"}) for d in cfg.devices]
     local = inventory()

@@ -33,7 +33,7 @@ from pydantic_settings import (
 )
 
 from agent.errors import ConfigError, ConfigIssue
-from agent.hq.metrc.config import MetrcConfig
+from hq.metrc.config import MetrcConfig
 
 DEFAULT_CONFIG_PATH = "/etc/edge-agent/agent.toml"
 # Where `edge-agent hq install` puts the HQ config and the HQ unit reads it.
@@ -225,11 +225,11 @@ class ApiConfig(_Section):
     tokens_file: str = "/etc/edge-agent/tokens"
     advertise: bool = True
     advertise_interfaces: list[str] = Field(default_factory=list)
-    # Host names the API answers to besides the automatic ones (agent/allowed_hosts.py);
+    # Host names the API answers to besides the automatic ones (agent/web/allowed_hosts.py);
     # "*" answers any.
     allowed_hosts: list[Annotated[str, AfterValidator(lambda v: _host_name(v))]] = Field(
         default_factory=list)
-    # Beyond the contract (issue 10, agent/httpserver.py): how long a client may
+    # Beyond the contract (issue 10, agent/web/httpserver.py): how long a client may
     # take over a request's head and its body, and the most connections at once.
     header_timeout_s: Annotated[float, AfterValidator(lambda v: _frange(v, 0.1, 300))] = 10.0
     body_timeout_s: Annotated[float, AfterValidator(lambda v: _frange(v, 0.1, 600))] = 30.0
@@ -281,15 +281,15 @@ class HqConfig(_Section):
     # Beyond the contract (issue 9): HQ's one secret; every site's key derives from it.
     master_key_file: str = ""
     sites: list[HqSiteConfig] = Field(default_factory=list)
-    # The fleet (agent/hq/fleet.py): a site that is online but sends no P/health
+    # The fleet (hq/fleet.py): a site that is online but sends no P/health
     # for silent_after_intervals * health_interval_s is "silent".
     health_interval_s: PositiveFloat = 30.0
     silent_after_intervals: PositiveFloat = 3.0
-    # The HQ page and its JSON API (agent/hq/web.py); http_port 0 turns it off.
+    # The HQ page and its JSON API (hq/web.py); http_port 0 turns it off.
     http_bind: str = "127.0.0.1"
     http_port: Annotated[int, AfterValidator(lambda v: _range(v, 0, 65535))] = 8788
     tokens_file: str = "/etc/edge-agent-hq/tokens"
-    # Opt-in: delete stored events older than this (agent/hq/retention.py); 0 keeps all.
+    # Opt-in: delete stored events older than this (hq/retention.py); 0 keeps all.
     retention_days: Annotated[float, AfterValidator(lambda v: _nonneg(v))] = 0.0
 
     @model_validator(mode="after")
@@ -340,7 +340,7 @@ class AgentConfig(_Settings):
     api: ApiConfig = Field(default_factory=ApiConfig)
     log: LogConfig = Field(default_factory=LogConfig)
     devices: list[DeviceConfig] = Field(default_factory=list)
-    # Grow rooms and their stage bands; validated by agent/climate.py (issue 5).
+    # Grow rooms and their stage bands; validated by agent/devices/climate.py (issue 5).
     rooms: list[dict[str, Any]] = Field(default_factory=list)
     # Lets one file serve the demo's agent and HQ receiver alike.
     hq: HqConfig = Field(default_factory=HqConfig)
@@ -374,7 +374,7 @@ class HqReceiverConfig(_Settings):
     hq: HqConfig = Field(default_factory=HqConfig)
     # report_within_h: the deadline the HQ page measures unsent sales against.
     compliance: ComplianceConfig = Field(default_factory=ComplianceConfig)
-    # CONTRACT 9: the Metrc forwarder (agent/hq/metrc/config.py has the keys).
+    # CONTRACT 9: the Metrc forwarder (hq/metrc/config.py has the keys).
     metrc: MetrcConfig = Field(default_factory=MetrcConfig)
     log: LogConfig = Field(default_factory=LogConfig)
 

@@ -29,21 +29,22 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from agent import __version__, sdnotify
-from agent.advertise import Advertiser
-from agent.allowed_hosts import allowed_hosts
-from agent.api import ApiContext, create_app
-from agent.auth import Tokens
-from agent.command_journal import CommandJournal
-from agent.commands import CommandRouter
+from agent import __version__
+from agent.commands.handlers import CommandRouter
+from agent.commands.journal import CommandJournal
 from agent.config import AgentConfig
+from agent.devices.family import Service, ServiceContext, all_devices, build_services
 from agent.errors import AgentError, OutboxCorrupt, OutboxError
-from agent.httpserver import build_server
+from agent.ops import sdnotify
+from agent.ops.advertise import Advertiser
+from agent.ops.status import build_status
 from agent.outbox import Outbox
-from agent.page import close_streams
-from agent.services import Service, ServiceContext, all_devices, build_services
-from agent.status import build_status
 from agent.uplink import Uplink
+from agent.web.allowed_hosts import allowed_hosts
+from agent.web.api import ApiContext, create_app
+from agent.web.auth import Tokens
+from agent.web.httpserver import build_server
+from agent.web.page import close_streams
 
 log = logging.getLogger(__name__)
 
@@ -250,7 +251,7 @@ async def _serve(cfg: AgentConfig, stack: contextlib.AsyncExitStack,
     uplink.start()
 
     app = create_app(ctx)
-    # agent/httpserver.py: TCP_NODELAY, header/body deadlines, the connection cap;
+    # agent/web/httpserver.py: TCP_NODELAY, header/body deadlines, the connection cap;
     # uvicorn's own signal handling is off there (the daemon owns SIGTERM/SIGINT).
     server = build_server(app, "api", host=cfg.api.bind, port=cfg.api.port,
                           max_connections=cfg.api.max_connections,

@@ -1,6 +1,6 @@
 """Agent-level climate bench: the real ``edge-agent``, 200 ``sim://climate`` sensors at 1 Hz.
 
-A whole site on loopback (``agent.localsite``: private mosquitto, HQ receiver,
+A whole site on loopback (``agent.testing.localsite``: private mosquitto, HQ receiver,
 the daemon) with ``--sensors`` simulated sensors in rooms of 10, one in ten
 spiking, every sensor at ``interval_s = 1``. After a warm-up, for
 ``--seconds`` of wall time it measures:
@@ -32,7 +32,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from agent.localsite import LocalSite
+from agent.testing.localsite import LocalSite
 
 ROOM_SIZE = 10
 

@@ -54,9 +54,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from agent import proof
 from agent.envelope import encode, iso_ms
-from agent.localbroker import Broker, start_broker
-from agent.localpg import PgServer, start_pg
-from agent.localsite import Proc, edge_agent_argv, sample_sale, write_toml
+from agent.testing.localbroker import Broker, start_broker
+from agent.testing.localpg import PgServer, start_pg
+from agent.testing.localsite import Proc, edge_agent_argv, sample_sale, write_toml
 from agent.uplink.ledger import backed_off_ack_wait
 
 PREFIX = "edge"

@@ -29,11 +29,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from agent.config import HqReceiverConfig
 from agent.envelope import iso_ms
-from agent.hq.metrc.client import Pacer
-from agent.hq.metrc.forwarder import Forwarder
-from agent.hq.metrc.reports import SqliteReportStore
-from agent.hq.store import SqliteStore
-from agent.localsite import sample_sale
+from agent.testing.localsite import sample_sale
+from hq.metrc.client import Pacer
+from hq.metrc.forwarder import Forwarder
+from hq.metrc.reports import SqliteReportStore
+from hq.store import SqliteStore
 from tests.metrc_server import MetrcServer
 
 FACILITIES = [("co-denver-01", "402R-00001"), ("co-boulder-02", "402R-00002")]

@@ -154,12 +154,12 @@ def bench_agent_labels(count: int) -> dict[str, Any]:
 
     from fastapi.testclient import TestClient
 
-    from agent.api import ApiContext, create_app
-    from agent.auth import Tokens
     from agent.config import AgentConfig
+    from agent.devices.family import ServiceContext, all_devices
+    from agent.devices.printing import PrinterService
     from agent.outbox import Outbox
-    from agent.printing import PrinterService
-    from agent.services import ServiceContext, all_devices
+    from agent.web.api import ApiContext, create_app
+    from agent.web.auth import Tokens
 
     def label(i: int) -> dict[str, Any]:
         return {**LABEL, "batch": f"B-{i:06d}"}

@@ -2,7 +2,7 @@
 
     .venv/bin/python bench/scan_ws_bench.py [--scans 1000] [--flood 5000] [--dir DIR]
 
-A whole site on loopback (``agent.localsite``: mosquitto, ``edge-agent hq``,
+A whole site on loopback (``agent.testing.localsite``: mosquitto, ``edge-agent hq``,
 ``edge-agent run``) with one scanner on ``serial://<pty>``. The bench types
 CR-terminated package-tag reads into the pty master and reads
 ``/v1/scans`` with a ``websockets`` client holding the bearer header. Each
@@ -46,7 +46,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 import scanner_bench  # noqa: E402
 from websockets.sync.client import ClientConnection, connect  # noqa: E402
 
-from agent.localsite import LocalSite  # noqa: E402
+from agent.testing.localsite import LocalSite  # noqa: E402
 
 DEVICE = "bench-scanner"
 WARMUP = 20

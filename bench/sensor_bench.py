@@ -40,7 +40,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from drivers.sensor.history import History
+from agent.devices.climate_history import History
 from drivers.sensor.plausibility import PlausibilityConfig
 from drivers.sensor.reader import SensorPoller, SensorSpec
 from drivers.sensor.reading import Reading

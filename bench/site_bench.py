@@ -37,8 +37,8 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from agent.localbroker import free_port
-from agent.localsite import LocalSite, sample_sale
+from agent.testing.localbroker import free_port
+from agent.testing.localsite import LocalSite, sample_sale
 
 
 def _wait(predicate: Any, timeout: float, what: str) -> None:

@@ -15,9 +15,9 @@ from typing import Any, TypeVar
 
 import pytest
 
-from agent import localsite
-from agent.localbroker import Broker, start_broker
-from agent.localpg import PgServer, start_pg
+from agent.testing import localsite
+from agent.testing.localbroker import Broker, start_broker
+from agent.testing.localpg import PgServer, start_pg
 
 T = TypeVar("T")
 
@@ -207,8 +207,8 @@ def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
 
 def make_store(url: str, clock: Callable[[], float] | None = None) -> Any:
     """The HQ store at ``url`` (as ``open_store`` opens it), on a test clock if given."""
-    from agent.hq.pgstore import PgStore
-    from agent.hq.store import SqliteStore, sqlite_path
+    from hq.pgstore import PgStore
+    from hq.store import SqliteStore, sqlite_path
 
     kw: dict[str, Any] = {} if clock is None else {"clock": clock}
     if url.startswith("sqlite:"):

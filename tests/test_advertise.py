@@ -15,10 +15,10 @@ from typing import Any
 import pytest
 from zeroconf import IPVersion, ServiceBrowser, ServiceListener, Zeroconf
 
-from agent import advertise
-from agent.advertise import SERVICE_TYPE, Advertiser, host_addresses, service_info
 from agent.config import AgentConfig
-from agent.localsite import LocalSite
+from agent.ops import advertise
+from agent.ops.advertise import SERVICE_TYPE, Advertiser, host_addresses, service_info
+from agent.testing.localsite import LocalSite
 from tests.conftest import wait_for
 
 SITE = "co-denver-01"

@@ -20,13 +20,13 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from prometheus_client.parser import text_string_to_metric_families
 
-from agent.api import ApiContext, Caller, create_app, outbox_writable
-from agent.auth import Tokens
 from agent.config import KINDS, AgentConfig
+from agent.devices.family import BaseService
 from agent.envelope import decode
 from agent.errors import ConfigError, DiskFull, EventTooLarge, OutboxError
 from agent.outbox import Outbox
-from agent.services import BaseService
+from agent.web.api import ApiContext, Caller, create_app, outbox_writable
+from agent.web.auth import Tokens
 
 SITE = "co-denver-01"
 POS_TOKEN = "pos-token-0123456789abcdef"

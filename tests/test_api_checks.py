@@ -16,13 +16,13 @@ import pytest
 from fastapi.testclient import TestClient
 from pydantic import ValidationError
 
-from agent.allowed_hosts import allowed_hosts
-from agent.api import ApiContext, create_app
-from agent.auth import Tokens
 from agent.config import AgentConfig
 from agent.envelope import decode
-from agent.localsite import LocalSite, sample_sale
 from agent.outbox import Outbox
+from agent.testing.localsite import LocalSite, sample_sale
+from agent.web.allowed_hosts import allowed_hosts
+from agent.web.api import ApiContext, create_app
+from agent.web.auth import Tokens
 from tests.conftest import wait_for
 
 SITE = "co-denver-01"

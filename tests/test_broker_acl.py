@@ -19,7 +19,13 @@ import paho.mqtt.client as mqtt
 import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
-from agent.localbroker import Broker, TlsFiles, make_client_cert, make_tls_files, start_broker
+from agent.testing.localbroker import (
+    Broker,
+    TlsFiles,
+    make_client_cert,
+    make_tls_files,
+    start_broker,
+)
 from tests.conftest import wait_for
 
 SHIPPED = Path(__file__).resolve().parent.parent / "config" / "mosquitto"

@@ -16,7 +16,7 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 from agent.config import MqttConfig
-from agent.localbroker import Broker, make_client_cert, make_tls_files, start_broker
+from agent.testing.localbroker import Broker, make_client_cert, make_tls_files, start_broker
 from tests.conftest import wait_for
 from tests.test_broker_acl import SHIPPED, Client, shipped_conf
 

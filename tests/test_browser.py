@@ -17,8 +17,8 @@ from typing import Any
 import pytest
 from playwright.sync_api import Browser, Page, expect, sync_playwright
 
-from agent.hqcommand import send_command
-from agent.localsite import LocalSite, sample_sale
+from agent.testing.localsite import LocalSite, sample_sale
+from hq.command import send_command
 from tests.conftest import screenshot_dir, wait_for
 from tests.printer_fakes import LABEL, LABEL_OPTIONS, fake_zpl_printer
 

@@ -15,19 +15,19 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from agent.api import ApiContext, create_app
-from agent.auth import Tokens
 from agent.cli import main as cli_main
-from agent.climate import JOIN_S, ClimateService
-from agent.climate_alarms import ALARMS_FILE
 from agent.config import AgentConfig
+from agent.devices.climate import JOIN_S, ClimateService
+from agent.devices.family import ServiceContext, config_issues
 from agent.envelope import decode, encode, iso_ms
 from agent.errors import DiskFull
-from agent.localsite import write_toml
 from agent.outbox import Outbox
 from agent.outbox.thinning import MinuteRun
-from agent.schemas import validate
-from agent.services import ServiceContext, config_issues
+from agent.pipeline.alarms import ALARMS_FILE
+from agent.pipeline.schemas import validate
+from agent.testing.localsite import write_toml
+from agent.web.api import ApiContext, create_app
+from agent.web.auth import Tokens
 from drivers.sensor.reader import SensorSpec, build_reading
 from drivers.sensor.reading import Sample
 from tests.conftest import wait_for

@@ -6,7 +6,7 @@ import json
 import threading
 from typing import Any
 
-from agent.commands import CommandRouter
+from agent.commands.handlers import CommandRouter
 from agent.errors import AgentError
 from tests.conftest import wait_for
 

@@ -14,11 +14,11 @@ from typing import Any
 import pytest
 
 from agent import proof
-from agent.command_journal import CommandJournal
-from agent.commands import CommandRouter
-from agent.hqcommand import send_command
-from agent.localsite import LocalSite
+from agent.commands.handlers import CommandRouter
+from agent.commands.journal import CommandJournal
+from agent.testing.localsite import LocalSite
 from drivers.printer import ReceiptOptions, render_receipt
+from hq.command import send_command
 from tests.conftest import wait_for
 from tests.printer_fakes import RECEIPT_OPTIONS, SALE, FakePrinter, fake_escpos_printer
 

@@ -10,9 +10,9 @@ from typing import Any
 import pytest
 
 from agent.config import MqttConfig
-from agent.config_checks import mqtt_issues
-from agent.localbroker import TlsFiles, make_tls_files
-from agent.localsite import edge_agent_argv, write_toml
+from agent.ops.config_checks import mqtt_issues
+from agent.testing.localbroker import TlsFiles, make_tls_files
+from agent.testing.localsite import edge_agent_argv, write_toml
 
 
 @pytest.fixture(scope="module")

@@ -12,11 +12,12 @@ from typing import Any
 
 import pytest
 
-from agent import daemon, services
+from agent import daemon
 from agent.config import AgentConfig
-from agent.localbroker import Broker, free_port
-from agent.localsite import sample_sale
-from agent.services import BaseService, ServiceContext
+from agent.devices import family as services
+from agent.devices.family import BaseService, ServiceContext
+from agent.testing.localbroker import Broker, free_port
+from agent.testing.localsite import sample_sale
 
 TOKEN = "daemon-test-token-0123456789"
 
@@ -85,7 +86,7 @@ def test_port_in_use_is_a_clear_error(tmp_path: Path) -> None:
     import socket
     import subprocess
 
-    from agent.localsite import edge_agent_argv, write_toml
+    from agent.testing.localsite import edge_agent_argv, write_toml
 
     tokens = tmp_path / "tokens"
     tokens.write_text(f"cli {TOKEN}\n")

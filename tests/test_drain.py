@@ -13,10 +13,10 @@ import pytest
 
 from agent.cli import format_status
 from agent.config import AgentConfig
+from agent.ops.status import build_status
 from agent.outbox import Outbox
 from agent.outbox.drain import DrainMeter, drain_rate, time_to_empty
-from agent.page import drain_words, hq_link
-from agent.status import build_status
+from agent.web.page import drain_words, hq_link
 
 SITE = "t-drain"
 

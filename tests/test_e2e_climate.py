@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from agent.localsite import LocalSite
+from agent.testing.localsite import LocalSite
 from tests.conftest import wait_for
 from tests.test_sensor_modbus import XY, ModbusPeer
 

@@ -19,8 +19,8 @@ from typing import Any
 
 import pytest
 
-from agent.localbroker import make_tls_files
-from agent.localsite import LocalSite, edge_agent_argv, sample_sale
+from agent.testing.localbroker import make_tls_files
+from agent.testing.localsite import LocalSite, edge_agent_argv, sample_sale
 from tests.conftest import wait_for
 
 pytestmark = pytest.mark.e2e

@@ -22,9 +22,9 @@ from typing import Any
 import pytest
 from playwright.sync_api import Browser, expect, sync_playwright
 
-from agent.localbroker import free_port
-from agent.localpg import PgServer
-from agent.localsite import LocalSite, Proc, edge_agent_argv, sample_sale, write_toml
+from agent.testing.localbroker import free_port
+from agent.testing.localpg import PgServer
+from agent.testing.localsite import LocalSite, Proc, edge_agent_argv, sample_sale, write_toml
 from tests.conftest import screenshot_dir, wait_for
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]

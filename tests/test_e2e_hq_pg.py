@@ -15,8 +15,8 @@ from typing import Any
 import psycopg
 import pytest
 
-from agent.localpg import PgServer
-from agent.localsite import LocalSite, Proc, edge_agent_argv, sample_sale, write_toml
+from agent.testing.localpg import PgServer
+from agent.testing.localsite import LocalSite, Proc, edge_agent_argv, sample_sale, write_toml
 from tests.conftest import wait_for
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]

@@ -1,7 +1,7 @@
 """End to end (issue 9): every distinct sale stored, whatever the broker or the box does.
 
 The real ``edge-agent run`` and ``edge-agent hq`` processes and a real mosquitto
-(agent/localsite.py). A box replaced (online, and installed while HQ is
+(agent/testing/localsite.py). A box replaced (online, and installed while HQ is
 unreachable), a wiped outbox, a restored old backup and a forged next-seq
 event: HQ holds every distinct sale, reports the conflicts (exit 1), and the
 outbox drains. Deep, huge and non-UTF-8 messages leave the receiver running
@@ -22,7 +22,7 @@ import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
 from agent.envelope import UUIDv7, encode, iso_ms
-from agent.localsite import LocalSite, edge_agent_argv, sample_sale
+from agent.testing.localsite import LocalSite, edge_agent_argv, sample_sale
 from tests.conftest import wait_for
 
 pytestmark = pytest.mark.e2e

@@ -17,8 +17,8 @@ from zoneinfo import ZoneInfo
 
 import pytest
 
-from agent.localbroker import free_port
-from agent.localsite import LocalSite, Proc, edge_agent_argv, write_toml
+from agent.testing.localbroker import free_port
+from agent.testing.localsite import LocalSite, Proc, edge_agent_argv, write_toml
 from tests.conftest import screenshot_dir, wait_for
 from tests.metrc_server import MetrcServer
 

@@ -18,7 +18,7 @@ import paho.mqtt.client as mqtt
 import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
-from agent.localsite import LocalSite
+from agent.testing.localsite import LocalSite
 from drivers.printer import ReceiptOptions, render_receipt
 from tests.conftest import wait_for
 from tests.printer_fakes import RECEIPT_OPTIONS, SALE, FakePrinter, fake_escpos_printer

@@ -18,8 +18,8 @@ from typing import Any
 import pytest
 from websockets.sync.client import ClientConnection, connect
 
-from agent.hqcommand import send_command
-from agent.localsite import LocalSite
+from agent.testing.localsite import LocalSite
+from hq.command import send_command
 from tests.conftest import Pty, wait_for
 
 pytestmark = pytest.mark.e2e

@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from agent.localsite import LocalSite
+from agent.testing.localsite import LocalSite
 from tests.conftest import wait_for
 from tests.printer_fakes import SALE
 

@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from agent.localsite import LocalSite, edge_agent_argv, sample_sale
+from agent.testing.localsite import LocalSite, edge_agent_argv, sample_sale
 from tests.conftest import wait_for
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]

@@ -13,12 +13,12 @@ from typing import Any
 import pytest
 
 from agent.envelope import decode
-from agent.hq.receiver import HqReceiver
-from agent.hq.report import format_report, report_main
-from agent.hq.store import SqliteStore
-from agent.localbroker import Broker
 from agent.outbox import Outbox
+from agent.testing.localbroker import Broker
 from agent.uplink import Uplink, with_epoch, with_floor
+from hq.receiver import HqReceiver
+from hq.report import format_report, report_main
+from hq.store import SqliteStore
 from tests.conftest import make_store, wait_for
 from tests.test_hq import SITE, envelope, envelope_bytes, hq_config, kinds_of, running
 from tests.test_uplink import SITE as AGENT_SITE

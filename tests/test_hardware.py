@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from agent.hardware import inventory, keyboard_inputs, usb_devices
-from agent.localsite import edge_agent_argv, write_toml
+from agent.ops.hardware import inventory, keyboard_inputs, usb_devices
+from agent.testing.localsite import edge_agent_argv, write_toml
 
 
 def fake_usb(root: Path, name: str, vid: str, pid: str, product: str, classes: list[str],

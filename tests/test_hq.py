@@ -22,11 +22,11 @@ from paho.mqtt.enums import CallbackAPIVersion
 from agent.config import HqReceiverConfig
 from agent.envelope import UUIDv7, encode, iso_ms
 from agent.errors import AgentError
-from agent.hq import receiver as receiver_mod
-from agent.hq.receiver import HqReceiver
-from agent.hq.report import format_report, report_main
-from agent.hq.store import EventRow, Reject, SqliteStore, StoreError
-from agent.localbroker import Broker, make_tls_files, start_broker
+from agent.testing.localbroker import Broker, make_tls_files, start_broker
+from hq import receiver as receiver_mod
+from hq.receiver import HqReceiver
+from hq.report import format_report, report_main
+from hq.store import EventRow, Reject, SqliteStore, StoreError
 from tests.conftest import wait_for
 
 SITE = "co-test-01"
@@ -233,8 +233,8 @@ def test_two_receivers_share_the_subscription_and_the_store(broker: Broker, site
 _STUCK_RECEIVER = """
 import json, sys, threading, pathlib
 from agent.config import HqReceiverConfig
-from agent.hq.receiver import HqReceiver
-from agent.hq.store import SqliteStore, sqlite_path
+from hq.receiver import HqReceiver
+from hq.store import SqliteStore, sqlite_path
 
 cfg = HqReceiverConfig(**json.loads(sys.argv[1]))
 marks = pathlib.Path(sys.argv[2])

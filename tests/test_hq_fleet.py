@@ -18,11 +18,12 @@ from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.reasoncodes import ReasonCode
 
-from agent.auth import Tokens
 from agent.config import HqReceiverConfig
 from agent.envelope import iso_ms
-from agent.hq import fleet as fleet_mod
-from agent.hq.fleet import (
+from agent.testing.localbroker import Broker
+from agent.web.auth import Tokens
+from hq import fleet as fleet_mod
+from hq.fleet import (
     FleetPolicy,
     SiteState,
     apply,
@@ -32,13 +33,12 @@ from agent.hq.fleet import (
     parse_status,
     site_status,
 )
-from agent.hq.fleet_cli import fleet_main, send_main
-from agent.hq.fleet_store import SqliteFleetStore, fault_growth
-from agent.hq.metrics import HqMetrics
-from agent.hq.receiver import HqReceiver, auto_client_id
-from agent.hq.store import SqliteStore
-from agent.hq.web import HqWebContext, create_hq_app
-from agent.localbroker import Broker
+from hq.fleet_cli import fleet_main, send_main
+from hq.fleet_store import SqliteFleetStore, fault_growth
+from hq.metrics import HqMetrics
+from hq.receiver import HqReceiver, auto_client_id
+from hq.store import SqliteStore
+from hq.web import HqWebContext, create_hq_app
 from tests.conftest import FakeClock, wait_for
 from tests.test_hq import Site, envelope_bytes, running
 
@@ -238,7 +238,7 @@ def test_a_shared_client_id_is_logged_once_as_a_takeover(
     db = tmp_path / "hq.db"
     rx1 = HqReceiver(hq_cfg(broker.port, db, client_id="edge-hq-same"))
     rx2 = HqReceiver(hq_cfg(broker.port, db, client_id="edge-hq-same"))
-    caplog.set_level(logging.DEBUG, logger="agent.hq.receiver")
+    caplog.set_level(logging.DEBUG, logger="hq.receiver")
     with running(rx1), running(rx2):
         wait_for(lambda: rx1.counters["taken_over"] and rx2.counters["taken_over"], 20,
                  what="both receivers to see the takeover loop")
@@ -254,7 +254,7 @@ def test_a_takeover_disconnect_reason_is_logged_once(
     """A broker's DISCONNECT 0x8E (session taken over) is said once, as that, then DEBUG."""
     rx = HqReceiver(hq_cfg(1, tmp_path / "hq.db", client_id="edge-hq-same"))
     code = ReasonCode(PacketTypes.DISCONNECT, identifier=0x8E)
-    caplog.set_level(logging.DEBUG, logger="agent.hq.receiver")
+    caplog.set_level(logging.DEBUG, logger="hq.receiver")
     for _ in range(3):
         rx._on_disconnect(rx._client, None, None, code, None)
     # (The receiver's start-up WARNING about a missing hq.master_key_file is not a takeover.)
@@ -520,7 +520,7 @@ def _retention_store(tmp_path: Path) -> tuple[SqliteStore, str]:
 
 def test_retention_deletes_only_old_events_at_or_below_the_watermark(tmp_path: Path) -> None:
     """Old events under the watermark go; old ones above it stay, so acks go on past the gap."""
-    from agent.hq.retention import SqliteRetention
+    from hq.retention import SqliteRetention
 
     store, url = _retention_store(tmp_path)
     retention = SqliteRetention(url)
@@ -537,7 +537,7 @@ def test_retention_deletes_only_old_events_at_or_below_the_watermark(tmp_path: P
 
 def test_retention_keeps_what_a_sink_still_needs_and_nothing_by_default(tmp_path: Path) -> None:
     """A sink's lowest needed seq bounds the deletion; retention_days defaults to keep all."""
-    from agent.hq.retention import SqliteRetention
+    from hq.retention import SqliteRetention
 
     assert HqReceiverConfig().hq.retention_days == 0
     store, url = _retention_store(tmp_path)
@@ -569,7 +569,7 @@ def test_hq_sites_config_errors_name_the_key(tmp_path: Path) -> None:
 def test_report_date_is_each_sites_local_day_grouped_by_state(tmp_path: Path) -> None:
     """--date takes each site's local day from its time zone (UTC unregistered), groups
     the rows by state, lists a registered site that stored nothing, keeps the JSON shape."""
-    from agent.hq.report import report_main
+    from hq.report import report_main
 
     db = tmp_path / "hq.db"
     cfg = hq_cfg(1, db, sites=[{"id": "wa-a", "state": "WA", "timezone": "America/Los_Angeles"},
@@ -607,7 +607,7 @@ def test_report_date_is_each_sites_local_day_grouped_by_state(tmp_path: Path) ->
 
 def test_report_date_and_since_together_is_a_usage_error(tmp_path: Path) -> None:
     """--date with --since exits 2 saying to pick one."""
-    from agent.hq.report import report_main
+    from hq.report import report_main
 
     err = io.StringIO()
     assert report_main(hq_cfg(1, tmp_path / "hq.db"), None, "2026-11-01", True,

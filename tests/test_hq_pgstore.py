@@ -16,14 +16,14 @@ import psycopg
 import pytest
 
 from agent.envelope import iso_ms
-from agent.hq import pgstore
-from agent.hq.fleet import parse_health, parse_status
-from agent.hq.fleet_store import open_fleet_store
-from agent.hq.receiver import HqReceiver
-from agent.hq.retention import open_retention
-from agent.hq.store import StoreError, event_row, open_store
-from agent.localbroker import Broker
-from agent.localpg import PgServer
+from agent.testing.localbroker import Broker
+from agent.testing.localpg import PgServer
+from hq import pgstore
+from hq.fleet import parse_health, parse_status
+from hq.fleet_store import open_fleet_store
+from hq.receiver import HqReceiver
+from hq.retention import open_retention
+from hq.store import StoreError, event_row, open_store
 from tests.conftest import FakeClock, make_store, wait_for
 from tests.test_hq import (
     BASE_TS,
@@ -298,7 +298,7 @@ def test_a_version_1_database_is_migrated_to_version_2(pg_url: str) -> None:
 
 _MIGRATE = """
 import sys
-from agent.hq.pgstore import connect, migrate
+from hq.pgstore import connect, migrate
 with connect(sys.argv[1]) as conn:
     print(migrate(conn, "test"))
 """
@@ -416,7 +416,7 @@ def test_receiver_with_postgresql_down_acks_nothing_and_keeps_running(broker: Br
                                                                       tmp_path: Path) -> None:
     """The database killed under a running receiver: nothing more is acked, the receiver
     counts the failures and stays up (the broker keeps the events for it)."""
-    from agent.localpg import start_pg
+    from agent.testing.localpg import start_pg
 
     server = start_pg()
     site = Site(broker.port)

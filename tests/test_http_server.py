@@ -1,5 +1,5 @@
 """The HTTP server holds up (issue 10): the real ``edge-agent`` under hostile and slow
-clients, plus the pieces (agent/httpserver.py, the sign-in throttle) on their own."""
+clients, plus the pieces (agent/web/httpserver.py, the sign-in throttle) on their own."""
 
 from __future__ import annotations
 
@@ -20,9 +20,9 @@ import pytest
 from fastapi import FastAPI
 from prometheus_client.parser import text_string_to_metric_families
 
-from agent.localbroker import free_port
-from agent.localsite import LocalSite, Proc, edge_agent_argv, sample_sale
-from agent.page import SignInThrottle, client_key
+from agent.testing.localbroker import free_port
+from agent.testing.localsite import LocalSite, Proc, edge_agent_argv, sample_sale
+from agent.web.page import SignInThrottle, client_key
 from tests.conftest import FakeClock, wait_for
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -248,7 +248,7 @@ import asyncio, logging, os, resource, sys
 sys.path.insert(0, sys.argv[2])
 logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(levelname)s %(message)s")
 from fastapi import FastAPI
-from agent.httpserver import build_server
+from agent.web.httpserver import build_server
 app = FastAPI()
 
 @app.get("/ping")
@@ -340,9 +340,9 @@ def test_accept_errors_are_logged_once_per_edge() -> None:
 
 
 def test_hq_page_server_closes_a_half_sent_request(tmp_path: Path) -> None:
-    """The HQ page's server (agent/hq/web.py) has the same header deadline: half a
+    """The HQ page's server (hq/web.py) has the same header deadline: half a
     request head gets a 408 and the connection closed."""
-    from agent.hq.web import HqWebServer
+    from hq.web import HqWebServer
 
     app = FastAPI()
 

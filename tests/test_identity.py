@@ -1,4 +1,4 @@
-"""HQ's store: identity by id, epochs, conflicts and rejects (issue 9; agent/hq/store.py)."""
+"""HQ's store: identity by id, epochs, conflicts and rejects (issue 9; hq/store.py)."""
 
 from __future__ import annotations
 
@@ -9,9 +9,9 @@ from typing import Any
 
 import pytest
 
-from agent.hq.receiver import Heard
-from agent.hq.report import format_report, has_problems
-from agent.hq.store import Reject, SqliteStore, StoreError, event_row
+from hq.receiver import Heard
+from hq.report import format_report, has_problems
+from hq.store import Reject, SqliteStore, StoreError, event_row
 from tests.conftest import make_store
 from tests.test_hq import IDS, SITE, envelope
 

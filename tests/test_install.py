@@ -15,10 +15,10 @@ from pathlib import Path
 
 import pytest
 
-from agent.auth import Tokens
-from agent.hq.store import open_store
-from agent.install import comment_from, set_toml, site_plan
-from agent.localsite import edge_agent_argv
+from agent.ops.install import comment_from, set_toml, site_plan
+from agent.testing.localsite import edge_agent_argv
+from agent.web.auth import Tokens
+from hq.store import open_store
 
 SITE = "co-denver-01"
 pytestmark = pytest.mark.e2e   # the real edge-agent console script does the installing
@@ -301,7 +301,7 @@ def test_status_prints_sizes_in_units_and_an_empty_queue_as_none() -> None:
 def test_the_demos_printed_commands_paste_and_run(tmp_path: Path) -> None:
     """Each command the demo prints runs as pasted into a shell (no 'command not found'):
     given configs that do not exist, edge-agent itself answers, naming the file."""
-    from agent.demo import demo_commands
+    from agent.testing.demo import demo_commands
 
     missing = tmp_path / "dir with space"
     for _, command in demo_commands(missing / "agent.toml", missing / "hq.toml"):

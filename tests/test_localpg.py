@@ -6,7 +6,7 @@ import os
 import pwd
 import subprocess
 
-from agent.localpg import DB_USER, PgServer, pg_bindir, start_pg
+from agent.testing.localpg import DB_USER, PgServer, pg_bindir, start_pg
 
 
 def _psql(url: str, sql: str) -> str:

@@ -85,7 +85,7 @@ def test_log_format_is_a_config_key() -> None:
 @pytest.mark.e2e
 def test_hq_with_json_log_format_writes_json_lines() -> None:
     """`edge-agent hq` with [log] format = "json" writes its log lines as JSON objects."""
-    from agent.localsite import edge_agent_argv
+    from agent.testing.localsite import edge_agent_argv
 
     with tempfile.TemporaryDirectory() as tmp:
         conf = Path(tmp, "hq.toml")

@@ -18,7 +18,8 @@ import pytest
 
 from agent.config import HqReceiverConfig
 from agent.envelope import iso_ms
-from agent.hq.metrc.client import (
+from agent.testing.localsite import sample_sale
+from hq.metrc.client import (
     MetrcClient,
     MetrcRateLimited,
     MetrcRefused,
@@ -26,12 +27,11 @@ from agent.hq.metrc.client import (
     Pacer,
     retry_after,
 )
-from agent.hq.metrc.forwarder import Forwarder, ForwarderError
-from agent.hq.metrc.mapping import dumps, local_time, plant_call, receipt
-from agent.hq.metrc.reports import SqliteReportStore
-from agent.hq.metrc.status import healthy, summarize
-from agent.hq.store import SqliteStore
-from agent.localsite import sample_sale
+from hq.metrc.forwarder import Forwarder, ForwarderError
+from hq.metrc.mapping import dumps, local_time, plant_call, receipt
+from hq.metrc.reports import SqliteReportStore
+from hq.metrc.status import healthy, summarize
+from hq.store import SqliteStore
 from tests.conftest import FakeClock, wait_for
 from tests.metrc_server import MetrcServer
 
@@ -418,8 +418,8 @@ def test_concurrent_claims_never_share_a_row(tmp_path: Path, server: MetrcServer
 def test_retention_keeps_what_metrc_does_not_have(tmp_path: Path, server: MetrcServer) -> None:
     """The retention sink names the lowest unsettled seq: events not taken in yet, then
     pending or failed rows; nothing once all are reported."""
-    from agent.hq.metrc.reports import MetrcRetentionSink
-    from agent.hq.retention import retention_sinks
+    from hq.metrc.reports import MetrcRetentionSink
+    from hq.retention import retention_sinks
 
     h = Hq(tmp_path, server)
     try:
@@ -444,10 +444,10 @@ def test_hq_page_api_shows_metrc_per_site_and_day(tmp_path: Path, server: MetrcS
     Metrc's message, overdue; 422 naming the field for a bad query; needs a token."""
     from fastapi.testclient import TestClient
 
-    from agent.auth import Tokens
-    from agent.hq.fleet_store import SqliteFleetStore
-    from agent.hq.metrics import HqMetrics
-    from agent.hq.web import HqWebContext, create_hq_app
+    from agent.web.auth import Tokens
+    from hq.fleet_store import SqliteFleetStore
+    from hq.metrics import HqMetrics
+    from hq.web import HqWebContext, create_hq_app
 
     h = Hq(tmp_path, server)
     fleet = SqliteFleetStore(h.cfg.hq.store)

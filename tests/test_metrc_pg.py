@@ -12,11 +12,11 @@ from typing import Any
 import pytest
 
 from agent.config import HqReceiverConfig
-from agent.hq.metrc.forwarder import Forwarder
-from agent.hq.metrc.pg_reports import PgReportStore
-from agent.hq.metrc.reports import MetrcRetentionSink, open_report_store
-from agent.hq.pgstore import PgStore
-from agent.hq.retention import retention_sinks
+from hq.metrc.forwarder import Forwarder
+from hq.metrc.pg_reports import PgReportStore
+from hq.metrc.reports import MetrcRetentionSink, open_report_store
+from hq.pgstore import PgStore
+from hq.retention import retention_sinks
 from tests.conftest import FakeClock, wait_for
 from tests.metrc_server import MetrcServer
 from tests.test_metrc import LICENSE, SITE, make_cfg, sales

@@ -15,8 +15,8 @@ import re
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
-from agent.climate_api import GAUGES
-from agent.hq.metrics import HqMetrics
+from agent.web.climate_routes import GAUGES
+from hq.metrics import HqMetrics
 from tests.test_api import AUTH, Site, site  # noqa: F401  (the fixture)
 
 NAME_RE = re.compile(r"^[a-z_][a-z0-9_]*$")
@@ -112,7 +112,7 @@ def test_outbox_commit_latency_is_a_histogram_observed_per_group_commit(
 def test_printer_job_outcomes_are_disjoint_and_sum_to_the_jobs() -> None:
     """sum by device of edge_printer_jobs_total over outcome, plus pending, is the jobs
     submitted: held, retried and expired-within-failed no longer count a job twice."""
-    from agent.printing import PrinterCollector
+    from agent.devices.printing import PrinterCollector
 
     counts = {"submitted": 10, "printed": 5, "sent": 1, "held": 3, "retried": 2,
               "retries": 4, "expired": 1, "failed": 3, "pending": 1}
@@ -156,7 +156,7 @@ def test_metrics_are_open_on_loopback_and_token_guarded_otherwise(site: Site) ->
 
 def test_loopback_addresses() -> None:
     """127/8, ::1 and IPv4-mapped 127.x are this box; LAN addresses and names are not."""
-    from agent.api import is_loopback
+    from agent.web.api import is_loopback
 
     assert all(map(is_loopback, ("127.0.0.1", "127.0.0.2", "::1", "::ffff:127.0.0.1")))
     assert not any(map(is_loopback, ("10.0.0.7", "::ffff:10.0.0.7", "fe80::1", "testclient",

@@ -15,7 +15,7 @@ from hypothesis import HealthCheck, Phase, assume, given, settings
 from hypothesis.errors import Unsatisfiable
 from schemathesis import GenerationMode
 
-from agent.localsite import LocalSite
+from agent.testing.localsite import LocalSite
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
@@ -88,7 +88,7 @@ def agent_site(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalSite]:
 
 
 # Routes whose own checks go beyond what their declarations say, in modules of other
-# families (agent/print_api.py, drivers/printer/label.py): printable text only on a
+# families (agent/web/print_routes.py, drivers/printer/label.py): printable text only on a
 # receipt, Decimal label fields. Their failures are printed, not failed on.
 KNOWN_GAPS = {
     "POST /v1/print/receipt": "print-only text rules (no control characters) not declared",

@@ -14,8 +14,8 @@ import pytest
 from agent.cli import ProgressBar
 from agent.cli import main as cli_main
 from agent.envelope import parse_iso
-from agent.localsite import edge_agent_argv
 from agent.outbox import Outbox
+from agent.testing.localsite import edge_agent_argv
 
 SITE = "t-export"
 # 2026-11-22T06:00:00Z, then one event a minute.

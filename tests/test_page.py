@@ -23,15 +23,15 @@ from fastapi import APIRouter, WebSocket
 from fastapi.testclient import TestClient
 from starlette.websockets import WebSocketDisconnect
 
-from agent import page
-from agent.api import ApiContext, Caller, create_app
-from agent.auth import Tokens
 from agent.config import AgentConfig
-from agent.localbroker import free_port
+from agent.devices.family import BaseService
 from agent.outbox import Outbox
-from agent.page import close_streams, hq_link
-from agent.services import BaseService
-from agent.sessions import COOKIE_NAME
+from agent.testing.localbroker import free_port
+from agent.web import page
+from agent.web.api import ApiContext, Caller, create_app
+from agent.web.auth import Tokens
+from agent.web.page import close_streams, hq_link
+from agent.web.sessions import COOKIE_NAME
 from tests.conftest import wait_for
 
 SITE = "co-denver-01"
@@ -385,7 +385,7 @@ def test_features_follow_the_boxs_devices(tmp_path: Path, devices: list[dict[str
     of that kind: a receipt-printer-only box gets no Scans, Rooms or Labels."""
     from fastapi import FastAPI
 
-    from agent.page import FEATURE_ROUTES, features
+    from agent.web.page import FEATURE_ROUTES, features
 
     app = FastAPI()
     for path in FEATURE_ROUTES.values():

@@ -21,8 +21,8 @@ import paho.mqtt.client as mqtt
 import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
-from agent.localbroker import Broker, TlsFiles, make_tls_files, start_broker
-from agent.localsite import edge_agent_argv
+from agent.testing.localbroker import Broker, TlsFiles, make_tls_files, start_broker
+from agent.testing.localsite import edge_agent_argv
 from tests.conftest import wait_for
 from tests.test_broker_acl import QUIET_S, SHIPPED, Client, marker, shipped_conf
 

@@ -28,19 +28,19 @@ from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
 from zeroconf import IPVersion, ServiceInfo, Zeroconf
 
-import agent.print_jobs as print_jobs
-import agent.printing as printing
+import agent.devices.print_jobs as print_jobs
+import agent.devices.printing as printing
 from agent import cli
-from agent.api import ApiContext, create_app
-from agent.auth import Tokens
-from agent.commands import CommandRouter
+from agent.commands.handlers import CommandRouter
 from agent.config import AgentConfig
+from agent.devices.family import ServiceContext, all_devices
+from agent.devices.printing import PrinterService
 from agent.envelope import decode
-from agent.localbroker import free_port
-from agent.localsite import write_toml
 from agent.outbox import Outbox
-from agent.printing import PrinterService
-from agent.services import ServiceContext, all_devices
+from agent.testing.localbroker import free_port
+from agent.testing.localsite import write_toml
+from agent.web.api import ApiContext, create_app
+from agent.web.auth import Tokens
 from drivers.printer import LabelOptions, ReceiptOptions, render_label, render_receipt
 from tests.conftest import wait_for
 from tests.printer_fakes import (
@@ -390,7 +390,7 @@ def test_waiting_print_jobs_are_bounded(site: PrintSite, escpos: FakePrinter,
 
 def test_print_state_files_are_private(site: PrintSite, tmp_path: Path) -> None:
     """The print jobs and the command journal are mode 0600, whatever the umask."""
-    from agent.command_journal import CommandJournal
+    from agent.commands.journal import CommandJournal
 
     site.post("/v1/print/receipt", {"sale": SALE})
     CommandJournal(tmp_path).close()

@@ -14,8 +14,8 @@ import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
 from agent import proof
-from agent.hqcommand import send_command
-from agent.localsite import LocalSite, edge_agent_argv, sample_sale
+from agent.testing.localsite import LocalSite, edge_agent_argv, sample_sale
+from hq.command import send_command
 from tests.conftest import wait_for
 
 MASTER = b"0123456789abcdef0123456789abcdef"

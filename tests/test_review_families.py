@@ -12,8 +12,8 @@ from typing import Any
 import pytest
 from zeroconf import IPVersion, ServiceInfo, Zeroconf
 
-import agent.climate_alarms as climate_alarms
-import agent.discovery as discovery
+import agent.devices.discovery as discovery
+import agent.pipeline.alarms as climate_alarms
 from tests.conftest import wait_for
 from tests.printer_fakes import (
     LABEL,

@@ -16,11 +16,11 @@ import pytest
 
 from agent.envelope import decode
 from agent.errors import DiskFull, OutboxFull
-from agent.hq.receiver import HqReceiver
-from agent.hq.store import SqliteStore
-from agent.localbroker import Broker
 from agent.outbox import Outbox
 from agent.outbox.store import DB_NAME
+from agent.testing.localbroker import Broker
+from hq.receiver import HqReceiver
+from hq.store import SqliteStore
 from tests.conftest import FakeClock, wait_for
 from tests.test_hq import Site, envelope, envelope_bytes, hq_config
 

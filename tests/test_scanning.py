@@ -17,16 +17,16 @@ from prometheus_client.parser import text_string_to_metric_families
 from starlette.testclient import WebSocketDenialResponse
 from starlette.websockets import WebSocketDisconnect
 
-from agent.api import ApiContext, create_app
-from agent.auth import Tokens
-from agent.catalog import CATALOG_FILE, Catalog
-from agent.commands import CommandRouter
+from agent.commands.handlers import CommandRouter
 from agent.config import AgentConfig
+from agent.devices.catalog import CATALOG_FILE, Catalog
+from agent.devices.family import ServiceContext, all_devices
+from agent.devices.scanning import ScannerService
 from agent.envelope import decode
 from agent.outbox import Outbox
-from agent.scanning import ScannerService
-from agent.scanning_api import ScanFeed
-from agent.services import ServiceContext, all_devices
+from agent.web.api import ApiContext, create_app
+from agent.web.auth import Tokens
+from agent.web.scanning_routes import ScanFeed
 from drivers.scanner import reader as reader_mod
 from drivers.scanner.retail_id import encode_short_url
 from tests.conftest import Pty, wait_for
@@ -373,7 +373,7 @@ def test_scans_the_outbox_refuses_still_reach_the_pos_marked_refused(
         assert len(r.data("scan")) == len(committed)
         assert r.service.devices()[0]["refused"] == len(refused)
         errors = [rec.getMessage() for rec in caplog.records
-                  if rec.name == "agent.scanning" and rec.levelname == "ERROR"]
+                  if rec.name == "agent.devices.scanning" and rec.levelname == "ERROR"]
         assert len(errors) == 1 and "refused a scan event" in errors[0]
     finally:
         r.close()

@@ -8,8 +8,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from agent.localsite import sample_sale
-from agent.schemas import FieldProblem, validate
+from agent.pipeline.schemas import FieldProblem, validate
+from agent.testing.localsite import sample_sale
 
 
 def problem(kind: str, data: Any) -> str:

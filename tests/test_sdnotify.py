@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from agent import sdnotify
+from agent.ops import sdnotify
 
 # sun_path holds 108 bytes with the NUL; pytest's tmp_path is usually far shorter.
 SUN_PATH_MAX = 107
@@ -120,7 +120,7 @@ def test_no_socket_is_a_quiet_noop(monkeypatch: pytest.MonkeyPatch,
                                    caplog: pytest.LogCaptureFixture) -> None:
     """Outside systemd every call returns False, raises nothing and logs nothing."""
     monkeypatch.delenv(sdnotify.NOTIFY_SOCKET_ENV, raising=False)
-    with caplog.at_level(logging.DEBUG, logger="agent.sdnotify"):
+    with caplog.at_level(logging.DEBUG, logger="agent.ops.sdnotify"):
         assert sdnotify.ready() is False
         assert sdnotify.watchdog() is False
         assert sdnotify.stopping() is False
@@ -140,7 +140,7 @@ def test_dead_socket_fails_softly_and_logs_once(tmp_path: Path,
                                                 caplog: pytest.LogCaptureFixture) -> None:
     """A vanished notify socket gives False and one WARNING per outage, not one per ping."""
     env = {sdnotify.NOTIFY_SOCKET_ENV: str(tmp_path / "gone")}
-    with caplog.at_level(logging.WARNING, logger="agent.sdnotify"):
+    with caplog.at_level(logging.WARNING, logger="agent.ops.sdnotify"):
         assert sdnotify.watchdog(env=env) is False
         assert sdnotify.watchdog(env=env) is False
         assert sdnotify.watchdog(env=env) is False
@@ -152,7 +152,7 @@ def test_dead_socket_fails_softly_and_logs_once(tmp_path: Path,
 def test_recovery_after_an_outage_is_logged(fs_systemd: FakeSystemd, tmp_path: Path,
                                             caplog: pytest.LogCaptureFixture) -> None:
     """After a failed send, the next successful one logs that systemd is reachable again."""
-    with caplog.at_level(logging.INFO, logger="agent.sdnotify"):
+    with caplog.at_level(logging.INFO, logger="agent.ops.sdnotify"):
         assert sdnotify.watchdog(env={sdnotify.NOTIFY_SOCKET_ENV: str(tmp_path / "gone")}) is False
         assert sdnotify.watchdog(env=fs_systemd.env) is True
     assert "reachable again" in caplog.text
@@ -161,7 +161,7 @@ def test_recovery_after_an_outage_is_logged(fs_systemd: FakeSystemd, tmp_path: P
 
 def test_unsupported_address_is_refused(caplog: pytest.LogCaptureFixture) -> None:
     """A relative path or a vsock address is not sent to, and says so."""
-    with caplog.at_level(logging.WARNING, logger="agent.sdnotify"):
+    with caplog.at_level(logging.WARNING, logger="agent.ops.sdnotify"):
         assert sdnotify.ready(env={sdnotify.NOTIFY_SOCKET_ENV: "vsock:2:1234"}) is False
     assert "vsock:2:1234" in caplog.text
 

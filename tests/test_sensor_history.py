@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from drivers.sensor.history import History
+from agent.devices.climate_history import History
 from drivers.sensor.reader import SensorSpec, build_reading
 from drivers.sensor.reading import Fault, Reading, Sample
 

@@ -7,7 +7,7 @@ from datetime import UTC, datetime
 
 import pytest
 
-from agent.schemas import validate
+from agent.pipeline.schemas import validate
 from drivers.sensor.derived import air_vpd_kpa, leaf_vpd_kpa
 from drivers.sensor.reader import SensorSpec, build_reading
 from drivers.sensor.reading import Fault, Reading, Sample

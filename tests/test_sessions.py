@@ -15,13 +15,13 @@ from pathlib import Path
 import pytest
 from fastapi.testclient import TestClient
 
-import agent.sessions as sessions_module
-from agent.api import ApiContext, create_app
-from agent.auth import Tokens
+import agent.web.sessions as sessions_module
 from agent.config import AgentConfig
-from agent.localsite import LocalSite
 from agent.outbox import Outbox
-from agent.sessions import COOKIE_NAME, SessionStore
+from agent.testing.localsite import LocalSite
+from agent.web.api import ApiContext, create_app
+from agent.web.auth import Tokens
+from agent.web.sessions import COOKIE_NAME, SessionStore
 
 SITE = "co-denver-01"
 OLD = "tablet-token-0123456789abcdef"

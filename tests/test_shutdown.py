@@ -15,12 +15,12 @@ import pytest
 from fastapi.testclient import TestClient
 
 from agent import daemon
-from agent.api import ApiContext, create_app
-from agent.auth import Tokens
 from agent.config import AgentConfig
-from agent.localbroker import Broker, free_port
 from agent.outbox import Outbox
 from agent.outbox.writer import Writer
+from agent.testing.localbroker import Broker, free_port
+from agent.web.api import ApiContext, create_app
+from agent.web.auth import Tokens
 from tests.conftest import wait_for
 
 TOKEN = "shutdown-test-token-0123456789"

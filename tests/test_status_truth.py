@@ -19,12 +19,12 @@ from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from agent.config import AgentConfig
-from agent.localbroker import Broker, free_port
-from agent.metrics import ApiMetrics
+from agent.ops.metrics import ApiMetrics
+from agent.ops.status import build_status
 from agent.outbox import Outbox
-from agent.page import hq_link
-from agent.status import build_status
+from agent.testing.localbroker import Broker, free_port
 from agent.uplink import DeliveryLedger, Uplink
+from agent.web.page import hq_link
 from tests.conftest import wait_for
 
 SITE = "t-truth"

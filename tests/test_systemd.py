@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from agent.localsite import LocalSite, Proc, edge_agent_argv
+from agent.testing.localsite import LocalSite, Proc, edge_agent_argv
 from tests.conftest import wait_for
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -310,7 +310,7 @@ def test_units_raise_the_open_file_limit_over_the_connection_cap() -> None:
     """LimitNOFILE in both units covers the HTTP connection cap (twice: descriptors of
     evicted connections close a loop turn later) plus the reserve, so a flood of
     connections meets the cap, never EMFILE at accept()."""
-    from agent.httpserver import FD_RESERVE, MAX_CONNECTIONS
+    from agent.web.httpserver import FD_RESERVE, MAX_CONNECTIONS
 
     for unit in UNITS:
         limit = parse_unit(unit)["Service"].get("LimitNOFILE", ["1024"])[-1]

@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from agent.auth import Tokens, token_weakness
 from agent.errors import ConfigError
-from agent.localsite import edge_agent_argv, write_toml
+from agent.testing.localsite import edge_agent_argv, write_toml
+from agent.web.auth import Tokens, token_weakness
 
 
 @pytest.mark.parametrize("token", [

@@ -18,8 +18,8 @@ import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
 from agent.config import KINDS, AgentConfig
-from agent.localbroker import Broker, free_port, make_tls_files, start_broker
 from agent.outbox import Outbox
+from agent.testing.localbroker import Broker, free_port, make_tls_files, start_broker
 from agent.uplink import DeliveryLedger, Uplink, parse_ack, split_host, with_epoch
 from agent.uplink.ledger import ACK_BACKOFF_MAX_FACTOR, backed_off_ack_wait
 from tests.conftest import wait_for

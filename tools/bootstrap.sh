@@ -113,7 +113,7 @@ done
 for entry in "${SYSTEM_FILES[@]}"; do
     [ -e "${entry%%:*}" ] || missing+=("${entry#*:}")
 done
-# PostgreSQL's server binaries, for the HQ store tests (agent/localpg.py runs its
+# PostgreSQL's server binaries, for the HQ store tests (agent/testing/localpg.py runs its
 # own initdb on a free port). Debian's package would also create and start a
 # "main" cluster on 5432; a createcluster.d file stops that, since this script
 # never starts a service. Only when the server is not installed yet.

@@ -11,7 +11,7 @@ uplink puts it on every event it publishes (``"epoch"``, spliced like
 outbox goes out again under the new epoch with its own id). HQ keeps a
 watermark per (site, kind, epoch) and every ack names its epoch, so an ack for
 one run can never delete another run's events, and a new run is acked only
-on what HQ holds *from it* (agent/hq/store.py).
+on what HQ holds *from it* (hq/store.py).
 
 ``epoch.json`` in the outbox folder records the current epoch and the one
 before it, written atomically and fsynced, for an operator correlating a box

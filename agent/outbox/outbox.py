@@ -80,7 +80,7 @@ class Outbox:
         # How fast acks empty it (agent/outbox/drain.py), for status.
         self.drain = DrainMeter()
         # Each group commit's time (the transaction and its fsync), for /metrics; not in
-        # any registry: agent/metrics.py exports it from here.
+        # any registry: agent/ops/metrics.py exports it from here.
         self.commit_seconds = Histogram(
             "edge_outbox_commit_duration_seconds",
             "Time of one group commit of events (the SQLite transaction and its fsync)",

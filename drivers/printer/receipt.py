@@ -81,7 +81,7 @@ class ReceiptOptions(BaseModel):
 
 
 class _Lenient(BaseModel):
-    # The agent validated the sale strictly (agent/schemas.py) before it got
+    # The agent validated the sale strictly (agent/pipeline/schemas.py) before it got
     # here; drivers/ cannot import that, so this only checks what it prints.
     model_config = ConfigDict(extra="ignore", frozen=True, populate_by_name=True)
 

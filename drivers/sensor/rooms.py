@@ -3,7 +3,7 @@
 Pure: a :class:`RoomMonitor` is fed readings and the injected ``now`` and
 returns alarm edges (:class:`AlarmRaised`, :class:`AlarmCleared`), small
 frozen values the daemon turns into ``alarm`` events (:meth:`AlarmRaised.payload`
-matches ``agent/schemas.py``'s Alarm). No clock, no I/O, no logging.
+matches ``agent/pipeline/schemas.py``'s Alarm). No clock, no I/O, no logging.
 
 Rules, per room and quantity:
 
@@ -218,7 +218,7 @@ class AlarmRaised:
         return (self.room, self.code)
 
     def payload(self) -> dict[str, Any]:
-        """``data`` of the ``alarm`` event (agent/schemas.py Alarm, plus room facts)."""
+        """``data`` of the ``alarm`` event (agent/pipeline/schemas.py Alarm, plus room facts)."""
         return {"code": self.code, "state": "raised", "severity": self.severity,
                 "message": self.message, "room": self.room, "quantity": self.quantity,
                 "side": self.side, "value": round(self.value, 3), "low": self.band.low,

@@ -1,0 +1,3 @@
+"""HQ's commands back to the box: the handlers per command and the journal
+of command ids already run.
+"""
