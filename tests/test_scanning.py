@@ -21,12 +21,12 @@ from agent.commands.handlers import CommandRouter
 from agent.config import AgentConfig
 from agent.devices.catalog import CATALOG_FILE, Catalog
 from agent.devices.family import ServiceContext, all_devices
+from agent.devices.scan_feed import ScanFeed
 from agent.devices.scanning import ScannerService
 from agent.envelope import decode
 from agent.outbox import Outbox
 from agent.web.api import ApiContext, create_app
 from agent.web.auth import Tokens
-from agent.web.scanning_routes import ScanFeed
 from drivers.scanner import reader as reader_mod
 from drivers.scanner.retail_id import encode_short_url
 from tests.conftest import Pty, wait_for

@@ -42,9 +42,9 @@ from agent.devices.catalog import CATALOG_FILE, Catalog, CatalogError, parse_tag
 from agent.devices.catalog import PUT_KEYS as CATALOG_PUT_KEYS
 from agent.devices.catalog import REMOVE_KEYS as CATALOG_REMOVE_KEYS
 from agent.devices.family import BaseService, CommandHandler, ServiceContext, idle_device
+from agent.devices.scan_feed import ScanFeed
 from agent.envelope import encode, iso_ms
 from agent.errors import ConfigIssue, OutboxError
-from agent.web.scanning_routes import ScanFeed
 from drivers.scanner.errors import BadScannerConfig
 from drivers.scanner.parse import Scan
 from drivers.scanner.reader import ScannerReader
