@@ -21,7 +21,6 @@ from hypothesis import strategies as st
 from prometheus_client.parser import text_string_to_metric_families
 
 from agent.config import KINDS, AgentConfig
-from agent.devices.family import BaseService
 from agent.envelope import decode
 from agent.errors import ConfigError, DiskFull, EventTooLarge, OutboxError
 from agent.outbox import Outbox
@@ -680,22 +679,16 @@ def test_fuzzed_bodies_never_get_a_5xx(tmp_path_factory: pytest.TempPathFactory)
 
 def test_service_routes_are_counted_under_their_template(site: Site) -> None:
     """Routes a device family adds (an included router) are labelled by template, not unmatched."""
-    class Echo(BaseService):
-        name = "echo"
+    echo_router = APIRouter()
 
-        def router(self) -> APIRouter:
-            r = APIRouter()
-
-            @r.get("/v1/echo/{word}")
-            async def echo(word: str, _: Caller) -> dict[str, str]:
-                return {"word": word}
-
-            return r
+    @echo_router.get("/v1/echo/{word}")
+    async def echo(word: str, _: Caller) -> dict[str, str]:
+        return {"word": word}
 
     ctx = ApiContext(cfg=site.cfg, outbox=site.outbox, tokens=site.ctx.tokens,
                      uplink_snapshot=lambda: site.uplink, devices_snapshot=list,
-                     started_at=time.time(), services=[Echo(site.cfg)])
-    with TestClient(create_app(ctx)) as client:
+                     started_at=time.time(), services=[])
+    with TestClient(create_app(ctx, [echo_router])) as client:
         assert client.get("/v1/echo/hi", headers=AUTH).json() == {"word": "hi"}
         samples = metric_samples(client.get("/metrics", headers=AUTH).text)
     assert samples[("edge_http_requests_total", (("route", "/v1/echo/{word}"),

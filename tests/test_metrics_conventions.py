@@ -15,7 +15,7 @@ import re
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
-from agent.web.climate_routes import GAUGES
+from agent.ops.device_metrics import GAUGES
 from hq.metrics import HqMetrics
 from tests.test_api import AUTH, Site, site  # noqa: F401  (the fixture)
 

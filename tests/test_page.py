@@ -24,7 +24,6 @@ from fastapi.testclient import TestClient
 from starlette.websockets import WebSocketDisconnect
 
 from agent.config import AgentConfig
-from agent.devices.family import BaseService
 from agent.outbox import Outbox
 from agent.testing.localbroker import free_port
 from agent.web import page
@@ -42,26 +41,23 @@ EVIL = "http://evil.example"
 PLANT = {"action": "move", "plant_tags": ["1A4FF0200000022000000456"], "room": "Flower 2"}
 
 
-class Scans(BaseService):
-    """A stand-in family with a WebSocket route using the shared Caller dependency."""
+def scans_router() -> APIRouter:
+    """A stand-in family's WebSocket route using the shared Caller dependency."""
+    router = APIRouter()
 
-    name = "scans-fake"
+    @router.websocket("/v1/scans")
+    async def scans(websocket: WebSocket, name: Caller) -> None:
+        await websocket.accept()
+        await websocket.send_json({"caller": name})
+        await websocket.close()
 
-    def router(self) -> APIRouter:
-        router = APIRouter()
-
-        @router.websocket("/v1/scans")
-        async def scans(websocket: WebSocket, name: Caller) -> None:
-            await websocket.accept()
-            await websocket.send_json({"caller": name})
-            await websocket.close()
-
-        return router
+    return router
 
 
 class Site:
     def __init__(self, tmp: Path, tokens: dict[str, str] | None = None,
-                 services: list[Any] | None = None) -> None:
+                 services: list[Any] | None = None,
+                 routers: list[APIRouter] | None = None) -> None:
         self.tmp = tmp
         self.cfg = AgentConfig(site={"id": SITE, "name": "Denver Flagship"},
                                outbox={"path": str(tmp / "outbox")},
@@ -74,7 +70,7 @@ class Site:
                               tokens=Tokens(tokens or {"tablet": TABLET_TOKEN, "pos-2": POS_TOKEN}),
                               uplink_snapshot=lambda: self.uplink, devices_snapshot=lambda: [],
                               started_at=time.time(), services=services or [])
-        self.app = create_app(self.ctx)
+        self.app = create_app(self.ctx, routers or [])
         self.client = TestClient(self.app)
 
     def sign_in(self, token: str = TABLET_TOKEN) -> str:
@@ -208,7 +204,7 @@ def test_sessions_survive_a_restart_and_die_with_their_token(tmp_path: Path) -> 
 
 def test_websocket_routes_take_the_cookie_from_this_origin_only(tmp_path: Path) -> None:
     """A family's WebSocket takes the cookie; another origin's handshake is closed with 1008."""
-    site = Site(tmp_path, services=[Scans(AgentConfig(site={"id": SITE}))])
+    site = Site(tmp_path, routers=[scans_router()])
     try:
         site.client.cookies.set(COOKIE_NAME, site.sign_in())
         with site.client.websocket_connect("/v1/scans", headers={"Origin": SAME}) as ws:

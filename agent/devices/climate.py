@@ -51,8 +51,7 @@ from drivers.sensor.reading import Reading
 from drivers.sensor.rooms import AlarmCleared, AlarmEdge, RoomMonitor, RoomSpec
 
 if TYPE_CHECKING:
-    from fastapi import APIRouter
-    from prometheus_client.registry import Collector
+    pass
 
 log = logging.getLogger(__name__)
 
@@ -449,12 +448,4 @@ class ClimateService(BaseService):
                         "faults": []})
         return out
 
-    def router(self) -> APIRouter | None:
-        from agent.web.climate_routes import climate_router
 
-        return climate_router(self)
-
-    def collector(self) -> Collector | None:
-        from agent.web.climate_routes import ClimateCollector
-
-        return ClimateCollector(self)

@@ -1,12 +1,14 @@
 """Device families plugged into the daemon: scanners, printers, climate sensors.
 
-Each family is one :class:`Service` in its own module (``agent/devices/scanning.py``,
-``agent/devices/printing.py``, ``agent/devices/climate.py``). The daemon builds every service
-from the config, starts them after the outbox is open, stops them before it
-closes, and asks each for its device states, its API routes, its HQ commands
-and its metrics. Services talk to the rest of the agent only through
-:class:`ServiceContext`: flow stays devices -> pipeline -> outbox, and commands
-come back uplink -> router -> service.
+Each family is one :class:`Service` in its own module (``scanning.py``,
+``printing.py``, ``climate.py`` here). The daemon builds every service from the
+config, starts them after the outbox is open, stops them before it closes, and
+asks each for its device states and its HQ commands. A family's API routes
+(``agent/web/family_routes.py``) and metrics (``agent/ops/device_metrics.py``)
+are built from the service by those layers; a family never imports them.
+Services talk to the rest of the agent only through :class:`ServiceContext`:
+flow stays devices -> pipeline -> outbox, and commands come back
+uplink -> command router -> service.
 """
 
 from __future__ import annotations
@@ -23,8 +25,6 @@ from agent.config import AgentConfig
 from agent.errors import ConfigIssue
 
 if TYPE_CHECKING:
-    from fastapi import APIRouter
-    from prometheus_client.registry import Collector
 
     from agent.outbox import Accepted, Outbox
 
@@ -70,11 +70,7 @@ class Service(Protocol):
         """One status entry per device: {"id", "type", "state", "last_fault", ...}."""
         ...
 
-    def router(self) -> APIRouter | None: ...
-
     def commands(self) -> dict[str, CommandHandler]: ...
-
-    def collector(self) -> Collector | None: ...
 
 
 class BaseService:
@@ -98,14 +94,8 @@ class BaseService:
     def devices(self) -> list[dict[str, Any]]:
         return []
 
-    def router(self) -> APIRouter | None:
-        return None
-
     def commands(self) -> dict[str, CommandHandler]:
         return {}
-
-    def collector(self) -> Collector | None:
-        return None
 
 
 def service_classes() -> list[type[Service]]:

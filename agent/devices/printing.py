@@ -47,14 +47,11 @@ import threading
 import time
 import uuid
 from collections import OrderedDict
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
-
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
-from prometheus_client.registry import Collector
 
 from agent.commands.handlers import current_command_id
 from agent.config import AgentConfig, DeviceConfig, SiteConfig, device_where
@@ -89,7 +86,6 @@ from drivers.printer.job import Outcome
 from drivers.printer.transport import open_transport
 
 if TYPE_CHECKING:
-    from fastapi import APIRouter
 
     from agent.devices.discovery import PrinterBrowser
 
@@ -777,10 +773,6 @@ class PrinterService(BaseService):
                             "configured_as": configured.get(found.url), **found.as_dict()})
         return entries
 
-    def router(self) -> APIRouter:
-        from agent.web.print_routes import print_router
-
-        return print_router(self)
 
     def commands(self) -> dict[str, CommandHandler]:
         return {"print-receipt": self._command("receipt"), "print-label": self._command("label")}
@@ -809,8 +801,6 @@ class PrinterService(BaseService):
                              .removeprefix(f"{dev.id}: "))
         return handle
 
-    def collector(self) -> Collector:
-        return PrinterCollector(self)
 
 
 def job_outcomes(counts: dict[str, int]) -> dict[str, int]:
@@ -819,59 +809,6 @@ def job_outcomes(counts: dict[str, int]) -> dict[str, int]:
     expired = counts.get("expired", 0)
     return {"printed": counts.get("printed", 0), "sent": counts.get("sent", 0),
             "expired": expired, "failed": max(0, counts.get("failed", 0) - expired)}
-
-
-class PrinterCollector(Collector):
-    """Per printer: up, fault episodes by kind, jobs by outcome; read at scrape time."""
-
-    def __init__(self, service: PrinterService) -> None:
-        self._service = service
-
-    def collect(self) -> Iterator[Metric]:
-        up = GaugeMetricFamily("edge_printer_up", "1 when the printer can print (up or "
-                               "degraded), else 0", labels=["device", "type"])
-        faults = CounterMetricFamily("edge_printer_faults", "Fault episodes by kind (counted "
-                                     "when a fault begins)", labels=["device", "fault"])
-        # One final outcome per job, so sum by (device) of edge_printer_jobs_total plus
-        # edge_printer_jobs_pending is edge_printer_jobs_submitted_total; being held or
-        # retried on the way is not an outcome and has counters of its own.
-        jobs = CounterMetricFamily("edge_printer_jobs", "Finished print jobs by final outcome "
-                                   "(printed, sent unconfirmed, expired, failed otherwise); "
-                                   "disjoint, so they sum", labels=["device", "outcome"])
-        submitted = CounterMetricFamily("edge_printer_jobs_submitted", "Print jobs submitted",
-                                        labels=["device"])
-        held = CounterMetricFamily("edge_printer_jobs_held", "Jobs held (at least once) for "
-                                   "a printer fault", labels=["device"])
-        retried = CounterMetricFamily("edge_printer_jobs_retried", "Jobs that took more than "
-                                      "one attempt", labels=["device"])
-        pending = GaugeMetricFamily("edge_printer_jobs_pending", "Jobs queued or held",
-                                    labels=["device"])
-        retries = CounterMetricFamily("edge_printer_retries", "Attempts after a job's first",
-                                      labels=["device"])
-        try:
-            entries = self._service.devices()
-        except Exception:  # a scrape must not fail because one source did
-            log.exception("metrics: the printer snapshot failed")
-            entries = []
-        discovered = 0
-        for entry in entries:
-            if entry.get("discovered"):
-                discovered += 1
-                continue
-            device = entry["id"]
-            up.add_metric([device, entry["type"]],
-                          1.0 if entry["state"] in ("up", "degraded") else 0.0)
-            for fault, count in entry.get("faults", {}).items():
-                faults.add_metric([device, fault], count)
-            counts = entry.get("jobs", {})
-            for outcome, value in job_outcomes(counts).items():
-                jobs.add_metric([device, outcome], value)
-            for family, key in ((submitted, "submitted"), (held, "held"), (retried, "retried"),
-                                (retries, "retries"), (pending, "pending")):
-                family.add_metric([device], counts.get(key, 0))
-        yield from (up, faults, jobs, submitted, held, retried, retries, pending)
-        yield GaugeMetricFamily("edge_printers_discovered",
-                                "Network printers advertised over mDNS", value=discovered)
 
 
 # -- edge-agent print-preview -------------------------------------------------------------

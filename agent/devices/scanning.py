@@ -51,8 +51,7 @@ from drivers.scanner.reader import ScannerReader
 from drivers.scanner.transport import open_transport, scanner_setup
 
 if TYPE_CHECKING:
-    from fastapi import APIRouter
-    from prometheus_client.registry import Collector
+    pass
 
 log = logging.getLogger(__name__)
 
@@ -366,12 +365,4 @@ class ScannerService(BaseService):
             out.append(snap)
         return out
 
-    def router(self) -> APIRouter | None:
-        from agent.web.scanning_routes import scanning_router
 
-        return scanning_router(self)
-
-    def collector(self) -> Collector | None:
-        from agent.web.scanning_routes import ScannerCollector
-
-        return ScannerCollector(self)

@@ -31,12 +31,12 @@ import logging
 import math
 import re
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
-from fastapi import Depends, FastAPI, Request, Security, WebSocketException
+from fastapi import APIRouter, Depends, FastAPI, Request, Security, WebSocketException
 from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse, Response
@@ -53,6 +53,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from agent import __version__
 from agent.config import KINDS, AgentConfig
 from agent.errors import DiskFull, EventTooLarge, OutboxError, OutboxFull
+from agent.ops.device_metrics import family_collectors
 from agent.ops.metrics import ApiMetrics
 from agent.ops.status import build_status
 from agent.pipeline import schemas
@@ -675,8 +676,11 @@ def _event_body_schema() -> dict[str, Any]:
 # -- the app ----------------------------------------------------------------------------
 
 
-def create_app(ctx: ApiContext) -> FastAPI:
-    """The API over ``ctx``; uvicorn (the daemon) or TestClient (tests) serves it."""
+def create_app(ctx: ApiContext, routers: Iterable[APIRouter] = ()) -> FastAPI:
+    """The API over ``ctx``; uvicorn (the daemon) or TestClient (tests) serves it.
+
+    The running families' routes (``family_routes.py``) are added, then ``routers``.
+    """
     app = FastAPI(title="edge-agent", version=__version__,
                   summary="Local API of one site: events in, status out (CONTRACT 5)",
                   # /docs and /redoc pull their JavaScript from a CDN an edge box may not
@@ -818,20 +822,19 @@ def create_app(ctx: ApiContext) -> FastAPI:
         return app.openapi_schema
 
     app.openapi = _openapi  # type: ignore[method-assign]
-    # The site page (GET /, /static, sign-in, the live status stream); imported
-    # here because agent/web/page.py builds on this module's Caller and ApiProblem.
+    # The site page (GET /, /static, sign-in, the live status stream) and the
+    # families' routes; imported here because they build on this module's Caller
+    # and ApiProblem.
+    from agent.web.family_routes import family_routers
     from agent.web.page import install_page
 
     install_page(app, ctx)
     # Device families add their routes (authenticated with the same Caller
     # dependency) and their metrics to this app's registry.
-    for service in ctx.services:
-        service_router = service.router()
-        if service_router is not None:
-            app.include_router(service_router)
-        collector = service.collector()
-        if collector is not None:
-            metrics.registry.register(collector)
+    for router in [*family_routers(ctx.services), *routers]:
+        app.include_router(router)
+    for collector in family_collectors(ctx.services):
+        metrics.registry.register(collector)
     _upgrade_required_routes(app)
     return app
 

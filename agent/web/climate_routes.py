@@ -19,12 +19,9 @@ import asyncio
 import logging
 import math
 import sqlite3
-from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 from fastapi import APIRouter
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
-from prometheus_client.registry import Collector
 
 from agent.devices.climate_history import MINUTE_S, RETENTION_S
 from agent.web.api import ApiProblem, Caller
@@ -136,67 +133,3 @@ def climate_router(svc: ClimateService) -> APIRouter:
     return router
 
 
-# Reading key -> (metric name, help). Values of the newest *valid* reading only: a
-# spike must not draw a line on a dashboard; edge_sensor_valid says why it is absent.
-# reading key -> (metric, help, scale to the Prometheus base unit): pascals, not kPa, and
-# relative humidity as a 0-1 ratio (the API and the events keep kPa and percent).
-GAUGES = {
-    "temperature_c": ("edge_sensor_temperature_celsius", "Air temperature", 1.0),
-    "rh_pct": ("edge_sensor_relative_humidity_ratio", "Relative humidity (0-1)", 0.01),
-    "co2_ppm": ("edge_sensor_co2_ppm", "CO2 concentration (parts per million)", 1.0),
-    "vpd_kpa": ("edge_sensor_vpd_pascals", "Air vapour pressure deficit", 1000.0),
-    "leaf_vpd_kpa": ("edge_sensor_leaf_vpd_pascals", "Leaf vapour pressure deficit", 1000.0),
-    "dew_point_c": ("edge_sensor_dew_point_celsius", "Dew point", 1.0),
-}
-
-
-class ClimateCollector(Collector):
-    """Reads the service at scrape time; never raises into the scrape."""
-
-    def __init__(self, svc: ClimateService) -> None:
-        self.svc = svc
-
-    def collect(self) -> Iterator[Metric]:
-        try:
-            yield from self._collect()
-        except Exception:  # a scrape must not fail because the climate part did
-            log.exception("metrics: reading the climate service failed")
-
-    def _collect(self) -> Iterator[Metric]:
-        svc = self.svc
-        now = svc.clock()
-        labels = ["device", "room"]
-        gauges = {key: GaugeMetricFamily(name, text, labels=labels)
-                  for key, (name, text, _) in GAUGES.items()}
-        valid = GaugeMetricFamily("edge_sensor_valid",
-                                  "1 when the newest reading is valid, 0 when suspect, stale "
-                                  "or missing", labels=labels)
-        readings = CounterMetricFamily("edge_sensor_readings", "Readings taken",
-                                       labels=labels)
-        invalid = CounterMetricFamily("edge_sensor_invalid",
-                                      "Readings marked invalid, by fault code",
-                                      labels=["device", "room", "reason"])
-        for entry in svc.sensors.values():
-            if not entry.enabled:
-                continue
-            ids = [entry.device, entry.room]
-            reading = entry.poller.latest(now) if entry.poller is not None else None
-            valid.add_metric(ids, 1.0 if reading is not None and reading.valid else 0.0)
-            if reading is not None and reading.valid:
-                for key, gauge in gauges.items():
-                    value = reading.value(key)
-                    if value is not None:
-                        gauge.add_metric(ids, value * GAUGES[key][2])
-            readings.add_metric(ids, entry.readings)
-            for reason, n in sorted(entry.invalid.items()):
-                invalid.add_metric([*ids, reason], n)
-        alarms = CounterMetricFamily("edge_climate_alarms", "Climate alarm events sent",
-                                     labels=["room", "code", "state"])
-        for (room, code, state), n in sorted(svc.alarm_counts.items()):
-            alarms.add_metric([room, code, state], n)
-        open_alarms = GaugeMetricFamily("edge_climate_alarms_open", "Climate alarms now open",
-                                        labels=["room"])
-        for room in svc.monitors:
-            open_alarms.add_metric([room], len(svc.alarms.for_room(room)))
-        yield from gauges.values()
-        yield from (valid, readings, invalid, alarms, open_alarms)

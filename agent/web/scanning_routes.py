@@ -33,14 +33,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 from fastapi import APIRouter, WebSocket
 from fastapi.responses import JSONResponse
 from fastapi.security import HTTPBearer
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
-from prometheus_client.registry import Collector
 from starlette.exceptions import WebSocketException
 
 from agent.devices.catalog import is_package_tag
@@ -155,53 +152,3 @@ def scanning_router(service: ScannerService) -> APIRouter:
     return router
 
 
-class ScannerCollector(Collector):
-    """Per-scanner counts and states, read at scrape time; never raises into the scrape."""
-
-    def __init__(self, service: ScannerService) -> None:
-        self.service = service
-
-    def collect(self) -> Iterator[Metric]:
-        try:
-            yield from self._metrics()
-        except Exception:
-            log.exception("metrics: reading the scanners failed")
-
-    def _metrics(self) -> Iterator[Metric]:
-        scans = CounterMetricFamily("edge_scans", "Scans read (after debouncing)",
-                                    labels=["device", "classification", "valid"])
-        unknown = CounterMetricFamily("edge_scans_unknown_package",
-                                      "Package scans whose tag is not in the catalog",
-                                      labels=["device"])
-        debounced = CounterMetricFamily("edge_scans_debounced",
-                                        "Repeated reads within the debounce window, not counted",
-                                        labels=["device"])
-        refused = CounterMetricFamily("edge_scans_refused", "Scans the outbox refused",
-                                      labels=["device"])
-        reopens = CounterMetricFamily("edge_scanner_reopens",
-                                      "Times a scanner came back after being down",
-                                      labels=["device"])
-        up = GaugeMetricFamily("edge_scanner_up", "1 while the scanner is open, 0 when down",
-                               labels=["device"])
-        for entry in list(self.service.scanners.values()):
-            if not entry.enabled:
-                continue
-            device = entry.device
-            for (classification, valid), n in list(entry.by_class.items()):
-                scans.add_metric([device, classification, "true" if valid else "false"], n)
-            unknown.add_metric([device], entry.unknown)
-            refused.add_metric([device], entry.refused)
-            reader = entry.reader
-            debounced.add_metric([device], reader.counts["debounced"] if reader else 0)
-            reopens.add_metric([device], reader.counts["reopens"] if reader else 0)
-            up.add_metric([device], 1.0 if reader is not None and reader.state == "up" else 0.0)
-        yield from (scans, unknown, debounced, refused, reopens, up)
-        feed = self.service.feed
-        yield GaugeMetricFamily("edge_scan_clients", "Connected /v1/scans WebSocket clients",
-                                value=len(feed.clients))
-        yield CounterMetricFamily("edge_scan_clients_dropped",
-                                  "Scans dropped for /v1/scans clients that fell behind",
-                                  value=feed.dropped)
-        catalog = self.service.catalog
-        yield GaugeMetricFamily("edge_catalog_tags", "Package tags in the local catalog",
-                                value=catalog.count() if catalog else 0)
