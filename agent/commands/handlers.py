@@ -18,10 +18,10 @@ import threading
 from collections import OrderedDict
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from contextvars import ContextVar
 from typing import Any
 
 from agent.commands.journal import CommandJournal
+from agent.devices.family import current_command_id
 from agent.errors import AgentError
 
 log = logging.getLogger(__name__)
@@ -30,10 +30,6 @@ Handler = Callable[[dict[str, Any]], Any]
 MAX_ID_LEN = 200
 REMEMBERED_IDS = 10_000
 MAX_PAYLOAD = 256 * 1024
-# The id of the command a handler runs for. Handlers take only ``args``; the
-# few that need the id (a print job keyed by it, so a resend cannot print
-# twice) read it here.
-current_command_id: ContextVar[str | None] = ContextVar("current_command_id", default=None)
 
 
 class CommandRouter:

@@ -17,6 +17,7 @@ import asyncio
 import importlib
 import json
 from collections.abc import Callable, Iterable
+from contextvars import ContextVar
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
@@ -29,6 +30,11 @@ if TYPE_CHECKING:
     from agent.outbox import Accepted, Outbox
 
 CommandHandler = Callable[[dict[str, Any]], Any]
+# The id of the command a handler runs for. Handlers take only ``args``; the
+# few that need the id (a print job keyed by it, so a resend cannot print
+# twice) read it here
+# (the command router, agent/commands/handlers.py, sets it).
+current_command_id: ContextVar[str | None] = ContextVar("current_command_id", default=None)
 
 # module:class, in start order. Each module exists, even while its family is a stub.
 SERVICE_CLASSES: tuple[str, ...] = (
@@ -136,3 +142,4 @@ def all_devices(services: Iterable[Service]) -> list[dict[str, Any]]:
     for service in services:
         devices.extend(service.devices())
     return devices
+

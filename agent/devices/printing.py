@@ -53,9 +53,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from agent.commands.handlers import current_command_id
 from agent.config import AgentConfig, DeviceConfig, SiteConfig, device_where
-from agent.devices.family import BaseService, CommandHandler, ServiceContext
+from agent.devices.family import BaseService, CommandHandler, ServiceContext, current_command_id
 from agent.devices.print_documents import (
     PrintRefused,
     parse_document,

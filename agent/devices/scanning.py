@@ -34,14 +34,19 @@ import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from agent.commands.handlers import current_command_id
 from agent.config import AgentConfig, device_where
 from agent.devices.catalog import CATALOG_FILE, Catalog, CatalogError, parse_tags
 from agent.devices.catalog import PUT_KEYS as CATALOG_PUT_KEYS
 from agent.devices.catalog import REMOVE_KEYS as CATALOG_REMOVE_KEYS
-from agent.devices.family import BaseService, CommandHandler, ServiceContext, idle_device
+from agent.devices.family import (
+    BaseService,
+    CommandHandler,
+    ServiceContext,
+    current_command_id,
+    idle_device,
+)
 from agent.devices.scan_feed import ScanFeed
 from agent.envelope import encode, iso_ms
 from agent.errors import ConfigIssue, OutboxError
@@ -49,9 +54,6 @@ from drivers.scanner.errors import BadScannerConfig
 from drivers.scanner.parse import Scan
 from drivers.scanner.reader import ScannerReader
 from drivers.scanner.transport import open_transport, scanner_setup
-
-if TYPE_CHECKING:
-    pass
 
 log = logging.getLogger(__name__)
 
