@@ -26,14 +26,12 @@ from agent.config import AgentConfig
 from agent.errors import ConfigIssue
 
 if TYPE_CHECKING:
-
     from agent.outbox import Accepted, Outbox
 
 CommandHandler = Callable[[dict[str, Any]], Any]
 # The id of the command a handler runs for. Handlers take only ``args``; the
 # few that need the id (a print job keyed by it, so a resend cannot print
-# twice) read it here
-# (the command router, agent/commands/handlers.py, sets it).
+# twice) read it here. The command router (agent/commands/handlers.py) sets it.
 current_command_id: ContextVar[str | None] = ContextVar("current_command_id", default=None)
 
 # module:class, in start order. Each module exists, even while its family is a stub.
