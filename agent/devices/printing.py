@@ -63,7 +63,7 @@ from agent.devices.print_documents import (
 )
 from agent.devices.print_jobs import PrintJobsFull, PrintJobStore, StoredJob
 from agent.errors import AgentError, ConfigIssue, DeviceError
-from agent.pipeline.idempotency import IdempotencyKeyReused
+from agent.idempotency import IdempotencyKeyReused
 from drivers.printer import (
     DEVICE_TYPES,
     BadDeviceUrl,

@@ -12,7 +12,7 @@ class Accepted:
     kind: str
     ts: str
     replay: bool = False  # answered from an earlier request with the same Idempotency-Key
-    digest: str | None = None  # that request's body digest (agent/pipeline/idempotency.py)
+    digest: str | None = None  # that request's body digest (agent/idempotency.py)
 
 
 @dataclass(frozen=True)

@@ -27,6 +27,7 @@ from prometheus_client import Histogram
 
 from agent.envelope import UUIDv7, encode, iso_ms
 from agent.errors import DiskFull, EventTooLarge, OutboxError, OutboxFull
+from agent.idempotency import IdempotencyKeyReused
 from agent.outbox.ballast import Ballast
 from agent.outbox.drain import DrainMeter
 from agent.outbox.records import Accepted, KindState, KindStats
@@ -46,7 +47,6 @@ from agent.outbox.store import (
     ts_at,
 )
 from agent.outbox.thinning import MinuteRun, scan_runs
-from agent.pipeline.idempotency import IdempotencyKeyReused
 
 log = logging.getLogger(__name__)
 
@@ -81,7 +81,7 @@ class Submit:
         self.source = source
         self.idem_key = idem_key
         self.future = future
-        self.idem_digest = idem_digest  # the request body's digest (agent/pipeline/idempotency.py)
+        self.idem_digest = idem_digest  # the request body's digest (agent/idempotency.py)
 
 
 class Ack:

@@ -53,11 +53,11 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from agent import __version__
 from agent.config import KINDS, AgentConfig
 from agent.errors import DiskFull, EventTooLarge, OutboxError, OutboxFull
+from agent.idempotency import IdempotencyKeyReused, body_digest
 from agent.ops.device_metrics import family_collectors
 from agent.ops.metrics import ApiMetrics
 from agent.ops.status import build_status
 from agent.pipeline import schemas
-from agent.pipeline.idempotency import IdempotencyKeyReused, body_digest
 from agent.web.allowed_hosts import HostCheck
 from agent.web.auth import Tokens
 from agent.web.httpserver import TIMEOUT_SCOPE_KEY

@@ -29,7 +29,7 @@ from fastapi.responses import JSONResponse, Response
 
 from agent.devices.print_documents import PrintRefused
 from agent.devices.printing import ANSWER_TIMEOUT_S
-from agent.pipeline.idempotency import IdempotencyKeyReused, body_digest
+from agent.idempotency import IdempotencyKeyReused, body_digest
 from agent.web.api import ApiProblem, Caller, ErrorBody, error_body, parse_json_object
 from drivers.printer import JobResult, Label
 
