@@ -16,8 +16,9 @@ import pytest
 from zeroconf import IPVersion, ServiceBrowser, ServiceListener, Zeroconf
 
 from agent.config import AgentConfig
+from agent.net import host_addresses
 from agent.ops import advertise
-from agent.ops.advertise import SERVICE_TYPE, Advertiser, host_addresses, service_info
+from agent.ops.advertise import SERVICE_TYPE, Advertiser, service_info
 from agent.testing.localsite import LocalSite
 from tests.conftest import wait_for
 

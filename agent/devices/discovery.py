@@ -24,7 +24,7 @@ from typing import Any
 from zeroconf import InterfaceChoice, IPVersion, ServiceStateChange, Zeroconf
 from zeroconf.asyncio import AsyncServiceBrowser, AsyncServiceInfo, AsyncZeroconf
 
-from agent.ops.advertise import host_addresses, is_ip
+from agent.net import host_addresses, is_ip
 
 log = logging.getLogger(__name__)
 

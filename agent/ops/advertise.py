@@ -20,11 +20,11 @@ import logging
 import threading
 from collections.abc import Callable
 
-import ifaddr
 from zeroconf import InterfaceChoice, IPVersion, ServiceInfo, Zeroconf
 
 from agent import __version__
 from agent.config import AgentConfig
+from agent.net import host_addresses
 
 log = logging.getLogger(__name__)
 
@@ -33,41 +33,6 @@ SERVICE_TYPE = "_edge-agent._tcp.local."
 ADDRESS_POLL_S = 10.0
 RETRY_S = 30.0
 UNSPECIFIED = ("0.0.0.0", "::", "")  # noqa: S104 - the bind values that mean "all"
-
-
-def host_addresses(interfaces: list[str]) -> list[str]:
-    """The box's unicast addresses: those in ``interfaces`` (IPs or names), else all non-loopback.
-
-    Link-local IPv6 is left out: it needs a scope id a tablet's resolver rarely keeps.
-    """
-    found: list[str] = []
-    wanted = set(interfaces)
-    for adapter in ifaddr.get_adapters():
-        for ip in adapter.ips:
-            addr = ip.ip if isinstance(ip.ip, str) else ip.ip[0]
-            try:
-                parsed = ipaddress.ip_address(addr)
-            except ValueError:
-                continue
-            if wanted:
-                if addr not in wanted and adapter.nice_name not in wanted \
-                        and adapter.name not in wanted:
-                    continue
-            elif parsed.is_loopback or parsed.is_link_local:
-                continue
-            found.append(str(parsed))
-    # An address named in the config but on no adapter (yet) is still meant.
-    found += [a for a in interfaces if is_ip(a) and a not in found]
-    return sorted(set(found))
-
-
-def is_ip(text: str) -> bool:
-    """Whether ``text`` is an IPv4 or IPv6 address (not an interface name)."""
-    try:
-        ipaddress.ip_address(text)
-    except ValueError:
-        return False
-    return True
 
 
 def service_info(cfg: AgentConfig, addresses: list[str]) -> ServiceInfo:
