@@ -36,7 +36,6 @@ import contextlib
 import json
 import logging
 import os
-import re
 import sqlite3
 import threading
 import time
@@ -45,11 +44,11 @@ from pathlib import Path
 from typing import Any
 
 from agent.errors import AgentError
+from agent.pipeline.schemas import is_package_tag
 
 log = logging.getLogger(__name__)
 
 CATALOG_FILE = "catalog.sqlite"
-PACKAGE_TAG = re.compile(r"[0-9A-Z]{24}")
 # Applied command ids are kept this long: far longer than HQ retries a command.
 APPLIED_KEEP_S = 30 * 24 * 3600.0
 BUSY_TIMEOUT_S = 5.0
@@ -71,11 +70,6 @@ class CatalogError(AgentError):
     def __init__(self, message: str, field: str | None = None) -> None:
         self.field = field
         super().__init__(message)
-
-
-def is_package_tag(value: object) -> bool:
-    """24 upper-case letters and digits: a Metrc package tag."""
-    return isinstance(value, str) and PACKAGE_TAG.fullmatch(value) is not None
 
 
 def parse_tags(args: Mapping[str, Any], command: str, allowed: frozenset[str]) -> list[str]:

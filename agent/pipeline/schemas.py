@@ -17,6 +17,7 @@ from pydantic import ValidationError as PydanticValidationError
 
 TAG_PATTERN = r"^[A-Z0-9]{24}$"
 Tag = Annotated[str, Field(pattern=TAG_PATTERN, description="24 uppercase letters and digits")]
+PACKAGE_TAG = re.compile(TAG_PATTERN.strip("^$"))
 CUSTOMER_TYPES = ("Consumer", "Patient", "Caregiver", "ExternalPatient", "NonResidentConsumer")
 UNITS = ("Each", "Grams", "Kilograms", "Milligrams", "Ounces", "Pounds", "Milliliters", "Liters",
          "Fluid Ounces")
@@ -246,3 +247,8 @@ def _validate(schema: type[BaseModel], data: Any) -> dict[str, Any]:
         first = problems[0]
         raise FieldProblem(first["field"], first["message"], problems) from None
     return model.model_dump(mode="json", by_alias=True)
+
+
+def is_package_tag(value: object) -> bool:
+    """24 upper-case letters and digits: a Metrc package tag."""
+    return isinstance(value, str) and PACKAGE_TAG.fullmatch(value) is not None

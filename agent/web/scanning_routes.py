@@ -40,9 +40,9 @@ from fastapi.responses import JSONResponse
 from fastapi.security import HTTPBearer
 from starlette.exceptions import WebSocketException
 
-from agent.devices.catalog import is_package_tag
 from agent.devices.scan_feed import FeedClient
 from agent.envelope import iso_ms
+from agent.pipeline.schemas import is_package_tag
 from agent.web.api import ApiProblem, Caller, authenticated_caller, error_body
 
 if TYPE_CHECKING:

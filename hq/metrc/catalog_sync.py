@@ -23,8 +23,8 @@ from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 from agent.config import HqReceiverConfig, HqSiteConfig
-from agent.devices.catalog import is_package_tag
 from agent.errors import AgentError
+from agent.pipeline.schemas import is_package_tag
 from hq.metrc.client import MetrcError
 from hq.store import StoreError
 
