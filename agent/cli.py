@@ -17,7 +17,7 @@ import urllib.error
 import urllib.request
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, TextIO
+from typing import TYPE_CHECKING, Any, TextIO
 
 from agent import __version__
 from agent.config import (
@@ -26,15 +26,16 @@ from agent.config import (
     DEFAULT_HQ_CONFIG_PATH,
     KINDS,
     AgentConfig,
-    HqReceiverConfig,
     blame_env,
     config_path,
     env_names,
     load_agent_config,
-    load_hq_config,
 )
 from agent.errors import AgentError, ConfigError
 from agent.ops.install import Resolve, under
+
+if TYPE_CHECKING:
+    from hq.config import HqReceiverConfig
 
 EXIT_OK, EXIT_DEGRADED, EXIT_CONFIG, EXIT_UNREACHABLE = 0, 1, 2, 3
 # --root's default: an image build (or the README test) sets it once for every command.
@@ -304,6 +305,7 @@ def validated_hq_config(path: str, resolve: Resolve | None = None) -> HqReceiver
     from agent.ops.install import rooted
     from agent.proof import KeyFileError, read_master_key
     from agent.web.auth import Tokens
+    from hq.config import HqReceiverConfig, load_hq_config
 
     try:
         cfg = load_hq_config(path, rooted(resolve) if resolve else None)
@@ -579,6 +581,8 @@ def _hq(path: str, args: argparse.Namespace) -> int:
         return _hq_install(args, root)
     if args.action == "pki":
         return _pki(path, args, root)
+    from hq.config import load_hq_config
+
     cfg = load_hq_config(path)
     if args.action == "report":
         from hq.report import report_main
@@ -672,6 +676,7 @@ def _hq_install(args: argparse.Namespace, root: str) -> int:
     import datetime as dt
 
     from agent.ops import install
+    from hq import pki
 
     plan = install.hq_plan(hosts=args.broker, port=args.port,
                            exec_path=install.console_script(root))
@@ -681,7 +686,7 @@ def _hq_install(args: argparse.Namespace, root: str) -> int:
         print(f"  (the CA in {pki_dir} exists: kept, with the certificates it signed)")
     else:
         # The example config's [mqtt] files: HQ's client certificate and the CA.
-        plan += install.pki_init_plan(pki_dir, {"ca_file": "/etc/edge-agent-hq/ca.pem",
+        plan += pki.pki_init_plan(pki_dir, {"ca_file": "/etc/edge-agent-hq/ca.pem",
                                                 "cert_file": "/etc/edge-agent-hq/hq.pem",
                                                 "key_file": "/etc/edge-agent-hq/hq.key"},
                                       hosts, dt.datetime.now(dt.UTC))
@@ -703,6 +708,7 @@ def _pki(path: str, args: argparse.Namespace, root: str) -> int:
     from agent.ops import install
     from agent.proof import derive_site_key, read_master_key
     from hq import pki
+    from hq.config import load_hq_config
 
     resolve = install.resolver(root)
     cfg = load_hq_config(path)
@@ -714,7 +720,7 @@ def _pki(path: str, args: argparse.Namespace, root: str) -> int:
                   "orphan every site's certificate)", file=sys.stderr)
             return EXIT_CONFIG
         files = {k: getattr(cfg.mqtt, k) for k in ("ca_file", "cert_file", "key_file")}
-        plan = install.pki_init_plan(install.box_path(pki_dir, root), files,
+        plan = pki.pki_init_plan(install.box_path(pki_dir, root), files,
                                      args.broker or cfg.mqtt.hosts, now, days=args.days)
         outcome = install.write_plan(plan, root, dry_run=False)
         print("\n".join(outcome.lines + [f"  next: {s}" for s in outcome.next_steps]))
@@ -745,7 +751,7 @@ def _pki(path: str, args: argparse.Namespace, root: str) -> int:
     acl = pki.site_acl(site, cfg.mqtt.topic_prefix,
                        install.data_text("config/mosquitto/edge-agent.acl"))
     out = os.path.abspath(args.out or site)
-    plan = install.bundle_plan(out, site=site, ca=ca, now=now, proof_key=key, meta=meta,
+    plan = pki.bundle_plan(out, site=site, ca=ca, now=now, proof_key=key, meta=meta,
                                acl=acl, days=args.days)
     os.makedirs(out, mode=0o700, exist_ok=True)
     outcome = install.write_plan(plan, "", dry_run=False)

@@ -33,7 +33,6 @@ from pydantic_settings import (
 )
 
 from agent.errors import ConfigError, ConfigIssue
-from hq.metrc.config import MetrcConfig
 
 DEFAULT_CONFIG_PATH = "/etc/edge-agent/agent.toml"
 # Where `edge-agent hq install` puts the HQ config and the HQ unit reads it.
@@ -309,7 +308,7 @@ class HqConfig(_Section):
         return value
 
 
-class _Settings(BaseSettings):
+class SettingsBase(BaseSettings):
     """Shared loading rules: env (EDGE_AGENT__SECTION__KEY) over the TOML file."""
 
     model_config = SettingsConfigDict(
@@ -332,7 +331,7 @@ class _Settings(BaseSettings):
         return (env_settings, init_settings)
 
 
-class AgentConfig(_Settings):
+class AgentConfig(SettingsBase):
     site: SiteConfig
     mqtt: MqttConfig = Field(default_factory=MqttConfig)
     outbox: OutboxConfig = Field(default_factory=OutboxConfig)
@@ -363,28 +362,7 @@ class AgentConfig(_Settings):
         return f"{self.mqtt.topic_prefix}/{self.site.id}"
 
 
-class HqReceiverConfig(_Settings):
-    """The HQ receiver's file: ``[mqtt]`` and ``[hq]``; other sections are ignored."""
-
-    model_config = SettingsConfigDict(
-        env_prefix=ENV_PREFIX, env_nested_delimiter="__", extra="ignore", frozen=True
-    )
-
-    mqtt: MqttConfig = Field(default_factory=MqttConfig)
-    hq: HqConfig = Field(default_factory=HqConfig)
-    # report_within_h: the deadline the HQ page measures unsent sales against.
-    compliance: ComplianceConfig = Field(default_factory=ComplianceConfig)
-    # CONTRACT 9: the Metrc forwarder (hq/metrc/config.py has the keys).
-    metrc: MetrcConfig = Field(default_factory=MetrcConfig)
-    log: LogConfig = Field(default_factory=LogConfig)
-
-    @property
-    def client_id(self) -> str:
-        """The configured client id; empty means each receiver makes its own."""
-        return self.hq.client_id or self.mqtt.client_id
-
-
-_S = TypeVar("_S", bound=_Settings)
+_S = TypeVar("_S", bound=SettingsBase)
 
 
 def config_path(explicit: str | None, default: str = DEFAULT_CONFIG_PATH) -> str:
@@ -417,7 +395,7 @@ def device_where(index: int, device_id: object) -> str:
     return f"devices[#{index + 1}]"
 
 
-def env_names(cls: type[_Settings]) -> dict[str, str]:
+def env_names(cls: type[SettingsBase]) -> dict[str, str]:
     """Dotted key -> the ``EDGE_AGENT__...`` variable that sets it (pydantic-settings
     matches names without regard to case)."""
     names: dict[str, str] = {}
@@ -541,7 +519,3 @@ def load_agent_config(path: str,
     return load_config(path, AgentConfig, transform)
 
 
-def load_hq_config(path: str,
-                   transform: Callable[[dict[str, Any]], dict[str, Any]] | None = None,
-                   ) -> HqReceiverConfig:
-    return load_config(path, HqReceiverConfig, transform)

@@ -27,9 +27,9 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from agent.config import HqReceiverConfig
 from agent.envelope import iso_ms
 from agent.testing.localsite import sample_sale
+from hq.config import HqReceiverConfig
 from hq.metrc.client import Pacer
 from hq.metrc.forwarder import Forwarder
 from hq.metrc.reports import SqliteReportStore

@@ -18,8 +18,8 @@ import datetime as dt
 from typing import Any
 from zoneinfo import ZoneInfo
 
-from agent.config import HqReceiverConfig
 from agent.envelope import iso_ms
+from hq.config import HqReceiverConfig
 from hq.store import Store
 
 

@@ -19,8 +19,9 @@ import time
 from dataclasses import dataclass
 from typing import Any, TextIO
 
-from agent.config import SITE_ID_RE, HqReceiverConfig
+from agent.config import SITE_ID_RE
 from agent.errors import AgentError
+from hq.config import HqReceiverConfig
 from hq.fleet import FleetPolicy, SiteState, fleet_rows
 from hq.report import format_age
 from hq.store import StoreError, open_store

@@ -20,8 +20,10 @@ from __future__ import annotations
 
 import datetime as dt
 import ipaddress
+import json
 import re
 from dataclasses import dataclass
+from typing import Any
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
@@ -29,6 +31,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from agent.errors import AgentError
+from agent.ops.install import BUNDLE_MANIFEST, HQ_GROUP, Planned
 
 CA_DAYS = 3650
 # Two years and a bit: long enough that a box is not re-keyed every season, short
@@ -159,3 +162,46 @@ def site_acl(site: str, topic_prefix: str, shipped_acl: str) -> list[str]:
     if len(lines) == 1:
         raise PkiError("the shipped ACL has no 'pattern' lines to derive a site's from")
     return lines
+
+
+def pki_init_plan(pki_dir: str, mqtt_files: dict[str, str], broker_hosts: list[str],
+                  now: dt.datetime, *, days: int | None = None) -> list[Planned]:
+    """The CA, HQ's client certificate (where ``[mqtt]`` says) and the broker's.
+
+    Only made when there is no CA yet, so every file is written (not kept): an
+    old certificate left beside a new CA would not verify."""
+    ca = new_ca(now, days or CA_DAYS)
+    hq = issue(ca, HQ_CN, now)
+    names = sorted({host_of(h) for h in broker_hosts}) or ["localhost"]
+    broker = issue(ca, names[0], now, server_names=names)
+    plan = [
+        Planned(f"{pki_dir}/ca.pem", ca.cert_pem, 0o644),
+        Planned(f"{pki_dir}/ca.key", ca.key_pem, 0o600, secret=True),
+        Planned(f"{pki_dir}/broker/ca.pem", ca.cert_pem, 0o644),
+        Planned(f"{pki_dir}/broker/server.pem", broker.cert_pem, 0o644),
+        Planned(f"{pki_dir}/broker/server.key", broker.key_pem, 0o600, secret=True),
+    ]
+    for key, data, mode, group, secret in (("ca_file", ca.cert_pem, 0o644, None, False),
+                                           ("cert_file", hq.cert_pem, 0o644, None, False),
+                                           ("key_file", hq.key_pem, 0o640, HQ_GROUP, True)):
+        target = mqtt_files.get(key) or f"{pki_dir}/hq/{key.removesuffix('_file')}.pem"
+        plan.append(Planned(target, data, mode, group, secret=secret))
+    return plan
+
+
+def bundle_plan(out_dir: str, *, site: str, ca: Any, now: dt.datetime, proof_key: bytes | None,
+                meta: dict[str, Any], acl: list[str], days: int | None = None) -> list[Planned]:
+    """One site's bundle directory (``edge-agent install --bundle DIR`` reads it)."""
+    leaf = issue(ca, site, now, days=days or LEAF_DAYS)
+    plan = [
+        Planned(f"{out_dir}/ca.pem", ca.cert_pem, 0o644),
+        Planned(f"{out_dir}/site.pem", leaf.cert_pem, 0o644),
+        Planned(f"{out_dir}/site.key", leaf.key_pem, 0o600, secret=True),
+        Planned(f"{out_dir}/{BUNDLE_MANIFEST}",
+                (json.dumps(meta, indent=2) + "\n").encode(), 0o644),
+        Planned(f"{out_dir}/acl.txt", ("\n".join(acl) + "\n").encode(), 0o644),
+    ]
+    if proof_key is not None:
+        plan.append(Planned(f"{out_dir}/hq-proof.key", (proof_key.hex() + "\n").encode(), 0o600,
+                            secret=True))
+    return plan

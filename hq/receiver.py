@@ -52,9 +52,10 @@ from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
 from agent import proof
-from agent.config import KINDS, HqReceiverConfig
+from agent.config import KINDS
 from agent.envelope import decode
 from agent.errors import AgentError
+from hq.config import HqReceiverConfig
 from hq.fleet import (
     FleetStore,
     HealthMessage,

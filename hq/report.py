@@ -16,7 +16,7 @@ import sys
 import time
 from typing import Any, TextIO
 
-from agent.config import HqReceiverConfig
+from hq.config import HqReceiverConfig
 from hq.store import StoreError, open_store, parse_time
 
 MAX_GAPS_SHOWN = 3

@@ -36,8 +36,8 @@ from contextlib import suppress
 from dataclasses import dataclass
 from typing import Protocol
 
-from agent.config import HqReceiverConfig
 from agent.envelope import iso_ms
+from hq.config import HqReceiverConfig
 from hq.fleet_store import hour_of
 from hq.store import BUSY_TIMEOUT_S, Pair, StoreError, _redact, sqlite_path
 

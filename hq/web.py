@@ -37,7 +37,7 @@ from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from agent import __version__
-from agent.config import SITE_ID_RE, HqReceiverConfig
+from agent.config import SITE_ID_RE
 from agent.envelope import iso_ms
 from agent.web.api import (
     ApiProblem,
@@ -50,6 +50,7 @@ from agent.web.auth import Tokens
 from agent.web.httpserver import BODY_TIMEOUT_S, HEADER_TIMEOUT_S, build_server
 from agent.web.page import PAGE_HEADERS, _static_response, add_session_routes, load_static
 from agent.web.sessions import SessionStore
+from hq.config import HqReceiverConfig
 from hq.fleet import FleetStore, by_risk, fleet_rows
 from hq.fleet_cli import policy
 from hq.metrics import HqMetrics

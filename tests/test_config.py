@@ -7,8 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from agent.config import AgentConfig, config_path, load_agent_config, load_hq_config
+from agent.config import AgentConfig, config_path, load_agent_config
 from agent.errors import ConfigError
+from hq.config import load_hq_config
 
 EXAMPLE = Path(__file__).resolve().parent.parent / "config" / "agent.example.toml"
 

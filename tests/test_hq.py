@@ -19,11 +19,11 @@ import paho.mqtt.client as mqtt
 import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
-from agent.config import HqReceiverConfig
 from agent.envelope import UUIDv7, encode, iso_ms
 from agent.errors import AgentError
 from agent.testing.localbroker import Broker, make_tls_files, start_broker
 from hq import receiver as receiver_mod
+from hq.config import HqReceiverConfig
 from hq.receiver import HqReceiver
 from hq.report import format_report, report_main
 from hq.store import EventRow, Reject, SqliteStore, StoreError
@@ -232,7 +232,7 @@ def test_two_receivers_share_the_subscription_and_the_store(broker: Broker, site
 
 _STUCK_RECEIVER = """
 import json, sys, threading, pathlib
-from agent.config import HqReceiverConfig
+from hq.config import HqReceiverConfig
 from hq.receiver import HqReceiver
 from hq.store import SqliteStore, sqlite_path
 

@@ -18,11 +18,11 @@ from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.reasoncodes import ReasonCode
 
-from agent.config import HqReceiverConfig
 from agent.envelope import iso_ms
 from agent.testing.localbroker import Broker
 from agent.web.auth import Tokens
 from hq import fleet as fleet_mod
+from hq.config import HqReceiverConfig
 from hq.fleet import (
     FleetPolicy,
     SiteState,
@@ -551,8 +551,8 @@ def test_retention_keeps_what_a_sink_still_needs_and_nothing_by_default(tmp_path
 
 def test_hq_sites_config_errors_name_the_key(tmp_path: Path) -> None:
     """A bad [[hq.sites]] entry is refused with its key path; a site registered twice too."""
-    from agent.config import load_hq_config
     from agent.errors import ConfigError
+    from hq.config import load_hq_config
 
     path = tmp_path / "hq.toml"
     path.write_text('[[hq.sites]]\nid = "co-a"\nstate = "Colorado"\n'

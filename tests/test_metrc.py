@@ -16,9 +16,9 @@ from typing import Any
 import httpx
 import pytest
 
-from agent.config import HqReceiverConfig
 from agent.envelope import iso_ms
 from agent.testing.localsite import sample_sale
+from hq.config import HqReceiverConfig
 from hq.metrc.client import (
     MetrcClient,
     MetrcRateLimited,

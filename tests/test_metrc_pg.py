@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from agent.config import HqReceiverConfig
+from hq.config import HqReceiverConfig
 from hq.metrc.forwarder import Forwarder
 from hq.metrc.pg_reports import PgReportStore
 from hq.metrc.reports import MetrcRetentionSink, open_report_store

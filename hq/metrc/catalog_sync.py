@@ -22,9 +22,10 @@ import threading
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
-from agent.config import HqReceiverConfig, HqSiteConfig
+from agent.config import HqSiteConfig
 from agent.errors import AgentError
 from agent.pipeline.schemas import is_package_tag
+from hq.config import HqReceiverConfig
 from hq.metrc.client import MetrcError
 from hq.store import StoreError
 

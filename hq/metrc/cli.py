@@ -18,7 +18,8 @@ import sys
 import time
 from typing import TextIO
 
-from agent.config import SITE_ID_RE, HqReceiverConfig
+from agent.config import SITE_ID_RE
+from hq.config import HqReceiverConfig
 from hq.metrc.reports import open_report_store
 from hq.metrc.status import format_summary, healthy, summarize
 from hq.store import StoreError, open_store

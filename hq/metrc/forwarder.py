@@ -33,8 +33,9 @@ from datetime import datetime
 from typing import Any
 from zoneinfo import ZoneInfo
 
-from agent.config import HqReceiverConfig, HqSiteConfig
+from agent.config import HqSiteConfig
 from agent.errors import AgentError
+from hq.config import HqReceiverConfig
 from hq.metrc.client import (
     MetrcAuthFailed,
     MetrcClient,
