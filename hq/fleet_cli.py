@@ -21,10 +21,11 @@ from typing import Any, TextIO
 
 from agent.config import SITE_ID_RE
 from agent.errors import AgentError
+from hq.backends import open_store
 from hq.config import HqReceiverConfig
 from hq.fleet import FleetPolicy, SiteState, fleet_rows
 from hq.report import format_age
-from hq.store import StoreError, open_store
+from hq.store import StoreError
 
 COMMAND_NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,63}$")
 SEND_TIMEOUT_S = 15.0

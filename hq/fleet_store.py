@@ -30,7 +30,7 @@ from hq.fleet import (
     health_from_json,
     health_to_json,
 )
-from hq.store import StoreError, _redact, open_side_tables, sqlite_path
+from hq.store import StoreError, open_side_tables, redact_url, sqlite_path
 
 FLEET_SCHEMA = """
 CREATE TABLE IF NOT EXISTS sites_state (
@@ -188,7 +188,7 @@ class PgFleetStore:
         from hq.pgstore import shared_pool
 
         self.url = url
-        self.location = _redact(url)
+        self.location = redact_url(url)
         self.pool = shared_pool(url)
         self._closed = False
 
@@ -272,7 +272,7 @@ class PgFleetStore:
 
 
 def _one_line(exc: BaseException) -> str:
-    return _redact(" ".join(str(exc).split()))[:300] or type(exc).__name__
+    return redact_url(" ".join(str(exc).split()))[:300] or type(exc).__name__
 
 
 def open_fleet_store(url: str) -> SqliteFleetStore | PgFleetStore:
@@ -281,5 +281,5 @@ def open_fleet_store(url: str) -> SqliteFleetStore | PgFleetStore:
         return SqliteFleetStore(url)
     if url.startswith(("postgresql://", "postgres://")):
         return PgFleetStore(url)
-    raise StoreError(_redact(url), "unknown store URL; use sqlite:///PATH or "
+    raise StoreError(redact_url(url), "unknown store URL; use sqlite:///PATH or "
                                    "postgresql://user@host/db")

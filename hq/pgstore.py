@@ -62,8 +62,8 @@ from hq.store import (
     StoreReads,
     Stream,
     _holes,
-    _redact,
     event_row,
+    redact_url,
 )
 
 POOL_MIN = 1
@@ -166,7 +166,7 @@ def connect(url: str) -> psycopg.Connection[Any]:
         return psycopg.connect(url, autocommit=True, connect_timeout=CONNECT_TIMEOUT_S,
                                application_name=APPLICATION_NAME)
     except psycopg.Error as exc:
-        raise StoreError(_redact(url), f"cannot connect: {_message(exc)}") from None
+        raise StoreError(redact_url(url), f"cannot connect: {_message(exc)}") from None
 
 
 def shared_pool(url: str, *, create: bool = True) -> ConnectionPool:
@@ -185,9 +185,9 @@ def shared_pool(url: str, *, create: bool = True) -> ConnectionPool:
         # with the server's message, not after the pool's retries time out.
         with connect(url) as conn:
             try:
-                migrate(conn, _redact(url), create=create)
+                migrate(conn, redact_url(url), create=create)
             except psycopg.Error as exc:
-                raise StoreError(_redact(url), f"cannot set up the schema: "
+                raise StoreError(redact_url(url), f"cannot set up the schema: "
                                                f"{_message(exc)}") from None
         pool = ConnectionPool(
             url, min_size=POOL_MIN, max_size=POOL_MAX, open=False, timeout=POOL_WAIT_S,
@@ -198,7 +198,7 @@ def shared_pool(url: str, *, create: bool = True) -> ConnectionPool:
             pool.open(wait=True, timeout=CONNECT_TIMEOUT_S)
         except PoolTimeout:
             pool.close()
-            raise StoreError(_redact(url), "cannot open a connection pool (server gone "
+            raise StoreError(redact_url(url), "cannot open a connection pool (server gone "
                                            "since the first connection?)") from None
         _pools[url] = (pool, 1)
         return pool
@@ -220,7 +220,7 @@ def release_pool(url: str) -> None:
 def _message(exc: BaseException) -> str:
     """A psycopg error as one line, without the URL (it may hold a password)."""
     text = " ".join(str(exc).split())
-    return _redact(text)[:300] or type(exc).__name__
+    return redact_url(text)[:300] or type(exc).__name__
 
 
 _RETRY = (pg_errors.DeadlockDetected, pg_errors.SerializationFailure)
@@ -231,7 +231,7 @@ class PgStore(StoreReads):
 
     def __init__(self, url: str, *, create: bool = True, clock: Any = time.time) -> None:
         self.url = url
-        self.location = _redact(url)
+        self.location = redact_url(url)
         self._clock = clock
         self.counters: dict[str, int] = {"stored": 0, "duplicates": 0, "lost_ranges": 0,
                                          "skipped_ranges": 0, "batches": 0, "conflicts": 0,

@@ -55,6 +55,7 @@ from agent import proof
 from agent.config import KINDS
 from agent.envelope import decode
 from agent.errors import AgentError
+from hq.backends import open_store
 from hq.config import HqReceiverConfig
 from hq.fleet import (
     FleetStore,
@@ -64,15 +65,7 @@ from hq.fleet import (
     parse_status,
     topic_site,
 )
-from hq.store import (
-    EventRow,
-    Reject,
-    Store,
-    StoreError,
-    Stream,
-    event_row,
-    open_store,
-)
+from hq.store import EventRow, Reject, Store, StoreError, Stream, event_row
 
 log = logging.getLogger(__name__)
 

@@ -16,8 +16,9 @@ import sys
 import time
 from typing import Any, TextIO
 
+from hq.backends import open_store
 from hq.config import HqReceiverConfig
-from hq.store import StoreError, open_store, parse_time
+from hq.store import StoreError, parse_time
 
 MAX_GAPS_SHOWN = 3
 

@@ -37,9 +37,10 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from agent.envelope import iso_ms
+from hq.backends import open_report_store
 from hq.config import HqReceiverConfig
 from hq.fleet_store import hour_of
-from hq.store import BUSY_TIMEOUT_S, Pair, StoreError, _redact, sqlite_path
+from hq.store import BUSY_TIMEOUT_S, Pair, StoreError, redact_url, sqlite_path
 
 log = logging.getLogger(__name__)
 
@@ -175,7 +176,7 @@ class PgRetention(_Retention):
         from hq.pgstore import shared_pool
 
         self.url = url
-        self.location = _redact(url)
+        self.location = redact_url(url)
         self.sinks = list(sinks)
         self.pool = shared_pool(url)
         self._closed = False
@@ -194,7 +195,7 @@ class PgRetention(_Retention):
         try:
             return super().run(days, now)
         except (psycopg.Error, PoolTimeout) as exc:
-            text = _redact(" ".join(str(exc).split()))[:300]
+            text = redact_url(" ".join(str(exc).split()))[:300]
             raise StoreError(self.location, f"retention failed: {text}") from None
 
     def _limits(self, cutoff: str) -> list[tuple[str, str, str, int, int | None]]:
@@ -231,8 +232,6 @@ def retention_sinks(cfg: HqReceiverConfig) -> list[RetentionSink]:
     does not have yet stays.
     """
     if cfg.metrc.enabled:
-        from hq.metrc.reports import MetrcRetentionSink
-
         return [MetrcRetentionSink(cfg.hq.store, cfg.metrc.kinds)]
     return []
 
@@ -268,3 +267,20 @@ class RetentionRunner:
             except StoreError as exc:
                 log.warning("hq retention: %s; trying again in %.0fs", exc, RUN_EVERY_S)
             self._stop.wait(RUN_EVERY_S)
+
+
+class MetrcRetentionSink:
+    """Retention (hq/retention.py) keeps every event Metrc does not have yet."""
+
+    name = "metrc"
+
+    def __init__(self, url: str, kinds: Sequence[str]) -> None:
+        self.url = url
+        self.kinds = list(kinds)
+
+    def still_needs(self) -> dict[tuple[str, str], int]:
+        store = open_report_store(self.url)
+        try:
+            return store.still_needs(self.kinds)
+        finally:
+            store.close()

@@ -874,22 +874,9 @@ def _subtract(span: tuple[int, int], ranges: list[tuple[int, int]]) -> list[tupl
     return pieces
 
 
-def _redact(url: str) -> str:
+def redact_url(url: str) -> str:
     """The URL without a password, for messages."""
     url = re.sub(r"//([^:/@]*):[^@/]*@", r"//\1:***@", url)
     return re.sub(r"(password=)[^&\s]*", r"\1***", url)
 
 
-def open_store(url: str, *, create: bool = True) -> Store:
-    """The store named by ``[hq] store``: ``sqlite:///PATH`` or ``postgresql://...``."""
-    if url.startswith("sqlite:///"):
-        return SqliteStore(sqlite_path(url), create=create)
-    if url.startswith(("postgresql://", "postgres://")):
-        try:
-            from hq.pgstore import PgStore
-        except ImportError as exc:
-            raise StoreError(_redact(url), f"PostgreSQL needs the psycopg packages, which are "
-                                           f"not installed ({exc.name}): {PSYCOPG_HINT}") from None
-        return PgStore(url, create=create)
-    raise StoreError(_redact(url), "unknown store URL; use sqlite:///PATH or "
-                                   "postgresql://user@host/db")

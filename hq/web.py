@@ -251,8 +251,8 @@ def start_web(cfg: HqReceiverConfig, receiver: Any, metrics: HqMetrics) -> HqWeb
     """The page beside a running receiver, or None (logged) when it cannot be served:
     a broken page must never stop events from being stored and acked."""
     from agent.errors import AgentError, ConfigError
+    from hq.backends import open_store
     from hq.fleet_store import open_fleet_store
-    from hq.store import open_store
 
     if cfg.hq.http_port == 0:
         return None
@@ -273,7 +273,7 @@ def start_web(cfg: HqReceiverConfig, receiver: Any, metrics: HqMetrics) -> HqWeb
                  else None)
     reports = None
     if cfg.metrc.enabled:
-        from hq.metrc.reports import open_report_store
+        from hq.backends import open_report_store
 
         try:
             reports = open_report_store(cfg.hq.store)

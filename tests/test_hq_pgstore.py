@@ -19,11 +19,12 @@ from agent.envelope import iso_ms
 from agent.testing.localbroker import Broker
 from agent.testing.localpg import PgServer
 from hq import pgstore
+from hq.backends import open_store
 from hq.fleet import parse_health, parse_status
 from hq.fleet_store import open_fleet_store
 from hq.receiver import HqReceiver
 from hq.retention import open_retention
-from hq.store import StoreError, event_row, open_store
+from hq.store import StoreError, event_row
 from tests.conftest import FakeClock, make_store, wait_for
 from tests.test_hq import (
     BASE_TS,

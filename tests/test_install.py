@@ -18,7 +18,7 @@ import pytest
 from agent.ops.install import comment_from, set_toml, site_plan
 from agent.testing.localsite import edge_agent_argv
 from agent.web.auth import Tokens
-from hq.store import open_store
+from hq.backends import open_store
 
 SITE = "co-denver-01"
 pytestmark = pytest.mark.e2e   # the real edge-agent console script does the installing

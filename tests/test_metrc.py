@@ -418,8 +418,7 @@ def test_concurrent_claims_never_share_a_row(tmp_path: Path, server: MetrcServer
 def test_retention_keeps_what_metrc_does_not_have(tmp_path: Path, server: MetrcServer) -> None:
     """The retention sink names the lowest unsettled seq: events not taken in yet, then
     pending or failed rows; nothing once all are reported."""
-    from hq.metrc.reports import MetrcRetentionSink
-    from hq.retention import retention_sinks
+    from hq.retention import MetrcRetentionSink, retention_sinks
 
     h = Hq(tmp_path, server)
     try:

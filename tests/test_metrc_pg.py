@@ -11,12 +11,12 @@ from typing import Any
 
 import pytest
 
+from hq.backends import open_report_store
 from hq.config import HqReceiverConfig
 from hq.metrc.forwarder import Forwarder
 from hq.metrc.pg_reports import PgReportStore
-from hq.metrc.reports import MetrcRetentionSink, open_report_store
 from hq.pgstore import PgStore
-from hq.retention import retention_sinks
+from hq.retention import MetrcRetentionSink, retention_sinks
 from tests.conftest import FakeClock, wait_for
 from tests.metrc_server import MetrcServer
 from tests.test_metrc import LICENSE, SITE, make_cfg, sales

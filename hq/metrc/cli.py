@@ -19,10 +19,10 @@ import time
 from typing import TextIO
 
 from agent.config import SITE_ID_RE
+from hq.backends import open_report_store, open_store
 from hq.config import HqReceiverConfig
-from hq.metrc.reports import open_report_store
 from hq.metrc.status import format_summary, healthy, summarize
-from hq.store import StoreError, open_store
+from hq.store import StoreError
 
 DATE_RE = re.compile(r"^\d{4}-\d{2}-\d{2}$")
 WAIT_POLL_S = 0.2

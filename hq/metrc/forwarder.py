@@ -35,6 +35,7 @@ from zoneinfo import ZoneInfo
 
 from agent.config import HqSiteConfig
 from agent.errors import AgentError
+from hq.backends import open_report_store
 from hq.config import HqReceiverConfig
 from hq.metrc.client import (
     MetrcAuthFailed,
@@ -45,7 +46,7 @@ from hq.metrc.client import (
     Pacer,
 )
 from hq.metrc.mapping import MappingError, local_time, plant_call, receipt
-from hq.metrc.reports import Claim, Intake, Report, ReportStore, open_report_store
+from hq.metrc.reports import Claim, Intake, Report, ReportStore
 from hq.store import StoreError, parse_time
 
 log = logging.getLogger(__name__)

@@ -30,7 +30,7 @@ from psycopg_pool import PoolTimeout
 
 from hq.metrc.reports import _COLUMNS, INTAKE_LIMIT, Claim, Describe, Report, _report
 from hq.pgstore import _message, release_pool, shared_pool
-from hq.store import StoreError, _redact
+from hq.store import StoreError, redact_url
 
 SERVER_NOW = "extract(epoch FROM now())"   # the server's clock, epoch seconds
 
@@ -40,7 +40,7 @@ class PgReportStore:
 
     def __init__(self, url: str) -> None:
         self.url = url
-        self.location = _redact(url)
+        self.location = redact_url(url)
         self.pool = shared_pool(url)
         self._closed = False
         self._lease_s: float | None = None   # what claim() was given, for renew()

@@ -33,7 +33,7 @@ from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from hq.store import StoreError, _redact, open_side_tables, sqlite_path
+from hq.store import StoreError, open_side_tables, sqlite_path
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS metrc_reports (
@@ -453,36 +453,9 @@ class SqliteReportStore:
         return {s: {"synced_at": at, "packages": n, "error": e} for s, at, n, e in rows}
 
 
-class MetrcRetentionSink:
-    """Retention (hq/retention.py) keeps every event Metrc does not have yet."""
-
-    name = "metrc"
-
-    def __init__(self, url: str, kinds: Sequence[str]) -> None:
-        self.url = url
-        self.kinds = list(kinds)
-
-    def still_needs(self) -> dict[tuple[str, str], int]:
-        store = open_report_store(self.url)
-        try:
-            return store.still_needs(self.kinds)
-        finally:
-            store.close()
-
-
 def _report(row: Sequence[Any]) -> Report:
     values = list(row)
     values[10] = bool(values[10])   # posted
     return Report(*values)
 
 
-def open_report_store(url: str) -> ReportStore:
-    """The Metrc tables beside ``[hq] store``."""
-    if url.startswith("sqlite:///"):
-        return SqliteReportStore(url)
-    if url.startswith(("postgresql://", "postgres://")):
-        from hq.metrc.pg_reports import PgReportStore
-
-        return PgReportStore(url)
-    raise StoreError(_redact(url), "unknown store URL; use sqlite:///PATH or "
-                                   "postgresql://user@host/db")
