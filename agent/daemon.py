@@ -227,7 +227,7 @@ async def _serve(cfg: AgentConfig, stack: contextlib.AsyncExitStack,
     for service in list(services):
         try:
             await service.start(service_ctx)
-        except Exception as exc:
+        except Exception as exc:  # any family's start-up bug: the rest still runs
             # A family that cannot start must not stop the site selling: the
             # rest runs, and status shows this family as a failed device.
             log.exception("%s: failed to start; its devices are not running", service.name)

@@ -425,7 +425,7 @@ class HqReceiver:
         """Connect (failing over across ``mqtt.hosts``), consume, reconnect, until ``stop``."""
         try:
             self._run(stop)
-        except Exception as exc:
+        except Exception as exc:  # a bug: logged with its traceback, then the process exits
             # A bug, not a message (those become rejects): say it and let
             # ``edge-agent hq`` exit non-zero, so systemd restarts it.
             self.fatal = exc
@@ -636,7 +636,7 @@ class HqReceiver:
             return self.store.store_batch(envelopes, rejects)
         except StoreError:
             raise
-        except Exception as exc:
+        except Exception as exc:  # any row's bug: the batch is split to find it
             log.exception("hq receiver: a batch of %d failed to store (%s); retrying one "
                           "by one", len(envelopes), exc)
         marks: dict[Stream, int] = {}
@@ -646,7 +646,7 @@ class HqReceiver:
                 marks.update(self.store.store_batch([row]))
             except StoreError:
                 raise
-            except Exception as exc:
+            except Exception as exc:  # this row's bug: it becomes a reject, the rest is stored
                 topic = f"{self._prefix}/{row.site}/events/{row.kind}"
                 culprits.append(Reject.of(topic, row.site, row.kind,
                                           f"cannot be stored: {type(exc).__name__}: {exc}",

@@ -228,7 +228,7 @@ async def _bounded(fn: Callable[[float], None], timeout: float, name: str) -> No
     def run() -> None:
         try:
             fn(timeout)
-        except Exception:
+        except Exception:  # a stop step's bug must not keep the others from running
             log.exception("%s failed", name)
         finally:
             with contextlib.suppress(RuntimeError):  # the loop is gone: nobody waits

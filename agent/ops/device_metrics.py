@@ -33,7 +33,7 @@ class ScannerCollector(Collector):
     def collect(self) -> Iterator[Metric]:
         try:
             yield from self._metrics()
-        except Exception:
+        except Exception:  # a scrape must not fail because one family's snapshot did
             log.exception("metrics: reading the scanners failed")
 
     def _metrics(self) -> Iterator[Metric]:

@@ -77,14 +77,14 @@ class AgentCollector(Collector):
             log.exception("metrics: reading the outbox failed")
         try:
             snapshot = self._uplink_snapshot() or {}
-        except Exception:
+        except Exception:  # as above: the uplink snapshot is one source
             log.exception("metrics: the uplink snapshot failed")
             snapshot = {}
         yield from self._uplink_metrics(snapshot)
         if self._status is not None:
             try:
                 status = self._status()
-            except Exception:
+            except Exception:  # as above: the status snapshot is one source
                 log.exception("metrics: the status snapshot failed")
             else:
                 yield from self._status_metrics(status)

@@ -325,7 +325,7 @@ class Writer:
                 if self._thinning:
                     self._thinning = False
                     self._publish_lock.release()
-        except Exception as exc:
+        except Exception as exc:  # any failure of the commit: every waiter hears it, none hangs
             self._rollback_quietly()
             self._settle(batch.settled)
             error = self._map_error(exc, "writing events")
@@ -355,7 +355,7 @@ class Writer:
             for listener in self._listeners:
                 try:
                     listener()
-                except Exception:
+                except Exception:  # a listener's bug must not undo a durable commit
                     log.exception("outbox listener failed")
 
     def _plan(self, con: sqlite3.Connection, submits: list[Submit], batch: _Batch,
@@ -544,7 +544,7 @@ class Writer:
         if work:
             try:
                 deleted = self._delete(work)
-            except Exception as exc:
+            except Exception as exc:  # any failure of the delete: the acked events stay, retried
                 self._rollback_quietly()
                 if not is_disk_full(exc, self.path):
                     self._ack_failed(work)
@@ -558,7 +558,7 @@ class Writer:
                 self._checkpoint()
                 try:
                     deleted = self._delete(work)
-                except Exception as exc2:
+                except Exception as exc2:  # as above, after the ballast was freed
                     self._rollback_quietly()
                     self._ack_failed(work)
                     self._fail(live, self._map_error(exc2, "deleting acknowledged events"))

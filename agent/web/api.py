@@ -338,7 +338,7 @@ class RequestAccounting:
         except ClientDisconnect:  # read outside a route (a middleware): still not a 500
             if not status:
                 await _client_gone(scope)(scope, receive, counting_send)
-        except Exception:
+        except Exception:  # any bug in a route: logged, answered 500 once, counted
             route = self._route(scope)
             log.exception("api: unexpected error answering %s %s", scope.get("method"), route)
             if not status:

@@ -178,7 +178,7 @@ class ScannerReader:
         self.last_scan_at = time.time()
         try:
             self._on_scan(scan)
-        except Exception:
+        except Exception:  # the daemon's callback bug must not stop the reader
             self.counts["callback_errors"] += 1
             log.exception("scanner %s: on_scan callback failed", self.device_id)
 
@@ -215,5 +215,5 @@ class ScannerReader:
         self.state, self.reason, self.since = state, reason, time.time()
         try:
             self._on_state(state, reason)
-        except Exception:
+        except Exception:  # as above, for the state callback
             log.exception("scanner %s: on_state callback failed", self.device_id)
