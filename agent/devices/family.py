@@ -14,8 +14,8 @@ uplink -> command router -> service.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import importlib
-import json
 from collections.abc import Callable, Iterable
 from contextvars import ContextVar
 from dataclasses import dataclass
@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 from agent.config import AgentConfig
 from agent.errors import ConfigIssue
+from agent.pipeline import emit as pipeline
 
 if TYPE_CHECKING:
     from agent.outbox import Accepted, Outbox
@@ -52,9 +53,13 @@ class ServiceContext:
     loop: asyncio.AbstractEventLoop
 
     async def emit(self, kind: str, data: dict[str, Any], source: str) -> Accepted:
-        """Commit one event; raises the outbox's errors (OutboxFull, DiskFull, ...)."""
-        return await self.outbox.append(kind, json.dumps(data, separators=(",", ":"),
-                                                         ensure_ascii=False), source)
+        """From the loop: commit one event; raises the outbox's errors (OutboxFull, ...)."""
+        return await pipeline.emit(self.outbox, kind, data, source)
+
+    def submit(self, kind: str, data: dict[str, Any],
+               source: str) -> concurrent.futures.Future[Accepted]:
+        """From any thread: queue one event, never waiting (``agent/pipeline/emit.py``)."""
+        return pipeline.submit(self.outbox, kind, data, source)
 
 
 @runtime_checkable

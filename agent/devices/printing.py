@@ -665,9 +665,8 @@ class PrinterService(BaseService):
         ctx = self._ctx
         if ctx is None:
             return
-        payload = json.dumps(data, separators=(",", ":"), ensure_ascii=False)
         try:
-            future = ctx.outbox.submit(kind, payload, source)
+            future = ctx.submit(kind, data, source)
         except Exception as exc:  # a closed outbox while stopping
             self._emit_failed(kind, data, str(exc) or type(exc).__name__)
             return
