@@ -117,6 +117,10 @@ class _Batch:
         self.thinned_aggregates = 0
         self.thin_cursor = thin_cursor
         self.thin_exhausted: tuple[int, int] | None = None
+        # What the transaction holds until it ends (the publish lock once thinning
+        # starts: see Writer._thin); _append's ``with`` lets it go.
+        self.held = contextlib.ExitStack()
+        self.thinning = False
 
     def kind(self, kind: str) -> KindState:
         state = self.kinds.get(kind)
@@ -159,7 +163,6 @@ class Writer:
         self._published: dict[str, int] = recovered.published
         self._publish_lock = threading.Lock()
         self._published_unsaved = False  # the last durable save of a published mark failed
-        self._thinning = False  # this thread holds _publish_lock for the transaction
         self._thin_cursor = 0
         self._thin_exhausted: tuple[int, int] | None = None
         self._ballast_released = False  # by us, for deletes: appends wait for it to return
@@ -309,22 +312,18 @@ class Writer:
         batch = _Batch(self._kinds, self._thin_cursor)
         started = time.perf_counter()
         try:
-            try:
-                with cache.transact():
-                    con = cache._con
-                    self._plan(con, submits, batch, now, ts)
-                    if batch.rows:
-                        self._reserve(batch)
-                        insert_rows(con, batch.rows)
-                        for kind, state in batch.kinds.items():
-                            if state.last_seq != self._kinds[kind].last_seq:
-                                cache.set(f"s:{kind}", state.last_seq)
-                        for kind in batch.lost_used:
-                            cache.delete(f"l:{kind}")
-            finally:
-                if self._thinning:
-                    self._thinning = False
-                    self._publish_lock.release()
+            # Whatever the transaction takes (see _thin) is let go once it has ended.
+            with batch.held, cache.transact():
+                con = cache._con
+                self._plan(con, submits, batch, now, ts)
+                if batch.rows:
+                    self._reserve(batch)
+                    insert_rows(con, batch.rows)
+                    for kind, state in batch.kinds.items():
+                        if state.last_seq != self._kinds[kind].last_seq:
+                            cache.set(f"s:{kind}", state.last_seq)
+                    for kind in batch.lost_used:
+                        cache.delete(f"l:{kind}")
         except Exception as exc:  # any failure of the commit: every waiter hears it, none hangs
             self._rollback_quietly()
             self._settle(batch.settled)
@@ -481,10 +480,10 @@ class Writer:
     def _thin(self, con: sqlite3.Connection, batch: _Batch, target: int, wall: float) -> int:
         """Fold the oldest never-published raw sensor readings into per-minute
         aggregates until ``target`` bytes are freed or none are left."""
-        if not self._thinning:
+        if not batch.thinning:
             # Held until this transaction ends (see mark_published).
-            self._publish_lock.acquire()
-            self._thinning = True
+            batch.held.enter_context(self._publish_lock)
+            batch.thinning = True
         start = max(self._published.get("sensor", 0), batch.thin_cursor)
         guard = (start, self._kinds["sensor"].last_seq)
         if guard in (self._thin_exhausted, batch.thin_exhausted):
