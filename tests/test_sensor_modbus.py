@@ -319,3 +319,12 @@ def test_bad_urls_name_the_key(url: str, path: str, text: str) -> None:
         ModbusUrl.parse(url, "flower-2-climate")
     assert err.value.device == "flower-2-climate"
     assert any(i.path == path and text in i.message for i in err.value.issues), err.value.issues
+
+
+def test_a_modbus_fault_is_a_driver_error() -> None:
+    """ModbusFault is in the DriverError tree (the agent maps driver errors in one place)."""
+    from drivers.errors import DriverError
+    from drivers.sensor.errors import ModbusFault
+
+    fault = ModbusFault("no_answer", "unit 1 on /dev/ttyUSB0: no answer")
+    assert isinstance(fault, DriverError) and fault.code == "no_answer"

@@ -13,6 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from drivers.errors import DriverError
+from drivers.sensor.errors import SensorConfigError, SensorConfigIssue
 
 
 class SensorError(DriverError):
@@ -54,3 +55,11 @@ class CrcError(SensorError):
             f"CRC mismatch on word {word_index} ({data.hex()}: expected CRC {expected:#04x}); "
             "check the I2C wiring and pull-ups",
         )
+
+
+class ModbusFault(DriverError):
+    """A request failed: ``code`` is a reading fault code (no_answer, exception)."""
+
+    def __init__(self, code: str, message: str) -> None:
+        self.code = code
+        super().__init__(message)

@@ -30,7 +30,7 @@ from urllib.parse import parse_qsl, urlencode, urlsplit
 from pymodbus.client import ModbusSerialClient
 from pymodbus.exceptions import ConnectionException, ModbusException, ModbusIOException
 
-from drivers.sensor.errors import SensorConfigError, SensorConfigIssue
+from drivers.sensor.errors import ModbusFault, SensorConfigError, SensorConfigIssue
 from drivers.sensor.reading import Sample, failed
 from drivers.sensor.registers import Block, RegisterMap, RegisterType
 
@@ -115,14 +115,6 @@ class ModbusUrl:
         if issues:
             raise SensorConfigError(device, issues)
         return cls(port=port, **values)  # type: ignore[arg-type]
-
-
-class ModbusFault(Exception):
-    """A request failed: ``code`` is a reading fault code (no_answer, exception)."""
-
-    def __init__(self, code: str, message: str) -> None:
-        self.code = code
-        super().__init__(message)
 
 
 class ModbusLine:
