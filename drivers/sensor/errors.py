@@ -13,7 +13,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from drivers.errors import DriverError
-from drivers.sensor.errors import SensorConfigError, SensorConfigIssue
 
 
 class SensorError(DriverError):
