@@ -98,3 +98,31 @@ class DeviceError(AgentError):
     def __init__(self, device: str, message: str) -> None:
         self.device = device
         super().__init__(f"{device}: {message}")
+
+
+class Refused(AgentError):
+    """A request the agent will not take as sent; ``field`` names what to fix.
+
+    The subclass says why; the HTTP layer answers each with one status
+    (``agent/web/print_routes.py``'s table), commands and the CLI with the
+    message. ``reason`` is a short machine-readable code where one helps.
+    """
+
+    def __init__(self, message: str, field: str | None = None,
+                 reason: str | None = None) -> None:
+        self.field = field
+        self.reason = reason
+        super().__init__(message)
+
+
+class NotFound(Refused):
+    """It names something that is not here (a printer id, a job)."""
+
+
+class Invalid(Refused):
+    """A field's value cannot be used (a bad tag, too many copies, a control character)."""
+
+
+class Unavailable(Refused):
+    """Right request, wrong moment: the device is disabled, stopping or its queue is full."""
+

@@ -13,7 +13,7 @@ from __future__ import annotations
 import unicodedata
 from typing import Any
 
-from agent.errors import AgentError
+from agent.errors import Invalid
 from agent.pipeline import schemas
 from drivers.printer import (
     LabelOptions,
@@ -28,55 +28,44 @@ from drivers.printer import (
 from drivers.printer.device import Kind
 
 
-class PrintRefused(AgentError):
-    """A print request we do not take: unknown printer (404), a bad field (422), ..."""
-
-    def __init__(self, status: int, message: str, field: str | None = None,
-                 reason: str | None = None) -> None:
-        self.status = status
-        self.field = field
-        self.reason = reason
-        super().__init__(message)
-
-
 def parse_document(kind: Kind, body: Any) -> tuple[Any, dict[str, str]]:
     """The API body (or command args) minus ``printer``, validated: (document, ref).
 
-    PrintRefused(422) names the field: ``sale.lines.0.package_tag``, ``net_weight``.
+    Invalid names the field: ``sale.lines.0.package_tag``, ``net_weight``.
     """
     if not isinstance(body, dict):
-        raise PrintRefused(422, "body: must be a JSON object", "body")
+        raise Invalid("body: must be a JSON object", "body")
     printer = body.get("printer")
     if printer is not None and not isinstance(printer, str):
-        raise PrintRefused(422, "printer: must be a printer id (a string)", "printer")
+        raise Invalid("printer: must be a printer id (a string)", "printer")
     rest = {k: v for k, v in body.items() if k != "printer"}
     control = _control_text(rest)
     if control is not None:
         # ESC/POS text goes to the printer as it is: an ESC or GS in a product name
         # would be a printer command (cut, reset, kick the cash drawer); and the PNG
         # renderer cannot lay out some of them either.
-        raise PrintRefused(422, f"{control}: contains a control character or line separator; "
-                                "send printable text only", control, "invalid")
+        raise Invalid(f"{control}: contains a control character or line separator; "
+                      "send printable text only", control, "invalid")
     if kind == "receipt":
         unknown = sorted(set(rest) - {"sale"})
         if unknown:
-            raise PrintRefused(422, f"{unknown[0][:64]}: unknown field; the body is "
-                                    '{"printer"?: id, "sale": {...}}', unknown[0][:64])
+            raise Invalid(f"{unknown[0][:64]}: unknown field; the body is "
+                          '{"printer"?: id, "sale": {...}}', unknown[0][:64])
         if "sale" not in rest:
-            raise PrintRefused(422, 'sale: required; the body is {"printer"?: id, "sale": {...}}',
-                               "sale")
+            raise Invalid('sale: required; the body is {"printer"?: id, "sale": {...}}',
+                          "sale")
         try:
             sale = schemas.validate("sale", rest["sale"])
         except schemas.FieldProblem as exc:
             # schemas names fields under the event's "data"; here the sale is "sale".
             where = "sale" + exc.field.removeprefix("data")
             message = str(exc).removeprefix(f"{exc.field}: ")
-            raise PrintRefused(422, f"{where}: {message}", where, "invalid") from None
+            raise Invalid(f"{where}: {message}", where, "invalid") from None
         return sale, {"receipt_number": str(sale["receipt_number"])}
     try:
         label = parse_label(rest)
     except RenderError as exc:
-        raise PrintRefused(422, str(exc), exc.field, "invalid") from None
+        raise Invalid(str(exc), exc.field, "invalid") from None
     return label, {"package_tag": label.package_tag}
 
 
@@ -107,7 +96,7 @@ def _control_text(root: dict[str, Any]) -> str | None:
 
 def render_document(kind: Kind, document: Any,
                     options: ReceiptOptions | LabelOptions) -> tuple[bytes, str]:
-    """Bytes for the printer and a one-line summary; PrintRefused(422) if it cannot render."""
+    """Bytes for the printer and a one-line summary; Invalid if it cannot render."""
     try:
         if kind == "receipt":
             assert isinstance(options, ReceiptOptions)
@@ -115,7 +104,7 @@ def render_document(kind: Kind, document: Any,
         assert isinstance(options, LabelOptions)
         return render_label(document, options), f"label {document.package_tag}"
     except RenderError as exc:
-        raise PrintRefused(422, str(exc), exc.field, "invalid") from None
+        raise Invalid(str(exc), exc.field, "invalid") from None
 
 
 def preview_document(kind: Kind, document: Any, options: ReceiptOptions | LabelOptions) -> bytes:
@@ -127,4 +116,4 @@ def preview_document(kind: Kind, document: Any, options: ReceiptOptions | LabelO
         assert isinstance(options, LabelOptions)
         return label_png(document, options)
     except RenderError as exc:
-        raise PrintRefused(422, str(exc), exc.field, "invalid") from None
+        raise Invalid(str(exc), exc.field, "invalid") from None

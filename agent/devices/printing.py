@@ -56,13 +56,20 @@ from typing import TYPE_CHECKING, Any
 from agent.config import AgentConfig, DeviceConfig, SiteConfig, device_where
 from agent.devices.family import BaseService, CommandHandler, ServiceContext, current_command_id
 from agent.devices.print_documents import (
-    PrintRefused,
     parse_document,
     preview_document,
     render_document,
 )
 from agent.devices.print_jobs import PrintJobsFull, PrintJobStore, StoredJob
-from agent.errors import AgentError, ConfigIssue, DeviceError
+from agent.errors import (
+    AgentError,
+    ConfigIssue,
+    DeviceError,
+    Invalid,
+    NotFound,
+    Refused,
+    Unavailable,
+)
 from agent.idempotency import IdempotencyKeyReused
 from drivers.printer import (
     DEVICE_TYPES,
@@ -434,31 +441,31 @@ class PrinterService(BaseService):
     # -- jobs ---------------------------------------------------------------------------------
 
     def printer_for(self, kind: Kind, printer_id: str | None) -> PrinterDevice:
-        """The named printer, or the first of ``kind``; PrintRefused (404/422/503) otherwise."""
+        """The named printer, or the first of ``kind``; else NotFound, Invalid or Unavailable."""
         of_kind = [d for d in self.printers.values() if d.kind == kind]
         wanted = "receipt_printer" if kind == "receipt" else "label_printer"
         if printer_id is None:
             enabled = [d for d in of_kind if d.enabled]
             if not enabled:
-                raise PrintRefused(404, f"printer: no {wanted} is configured (add a [[devices]] "
-                                        f"entry with type = \"{wanted}\")", "printer",
-                                   "no_printer")
+                raise NotFound(f"printer: no {wanted} is configured (add a [[devices]] "
+                               f"entry with type = \"{wanted}\")", "printer",
+                               "no_printer")
             dev = enabled[0]
         else:
             found = self.printers.get(printer_id)
             if found is None:
                 known = ", ".join(d.id for d in of_kind) or "none configured"
-                raise PrintRefused(404, f"printer: no printer {printer_id[:64]!r}; {wanted}s: "
-                                        f"{known}", "printer", "unknown_printer")
+                raise NotFound(f"printer: no printer {printer_id[:64]!r}; {wanted}s: "
+                               f"{known}", "printer", "unknown_printer")
             if found.kind != kind:
-                raise PrintRefused(422, f"printer: {found.id} is a {found.type}, not a {wanted}",
-                                   "printer", "wrong_printer")
+                raise Invalid(f"printer: {found.id} is a {found.type}, not a {wanted}",
+                              "printer", "wrong_printer")
             dev = found
         if not dev.enabled:
-            raise PrintRefused(503, f"{dev.id}: disabled in the config (enabled = false)",
-                               reason="disabled")
+            raise Unavailable(f"{dev.id}: disabled in the config (enabled = false)",
+                              reason="disabled")
         if dev.worker is None or dev.options is None:
-            raise PrintRefused(503, f"{dev.id}: not running: {dev.error}", reason="misconfigured")
+            raise Unavailable(f"{dev.id}: not running: {dev.error}", reason="misconfigured")
         return dev
 
     def document_options(self, kind: Kind, printer_id: str | None,
@@ -482,9 +489,9 @@ class PrinterService(BaseService):
         limit = getattr(dev.options.document, "max_copies", None)
         copies = getattr(document, "copies", 1)
         if isinstance(limit, int) and isinstance(copies, int) and copies > limit:
-            raise PrintRefused(422, f"copies: {copies} is more than {dev.id} prints per job "
-                                    f"(max_copies = {limit} in its [[devices]] entry)",
-                               "copies", reason="invalid")
+            raise Invalid(f"copies: {copies} is more than {dev.id} prints per job "
+                          f"(max_copies = {limit} in its [[devices]] entry)",
+                          "copies", reason="invalid")
         data, summary = render_document(kind, document, dev.options.document)
         job = dev.worker.queue.job(data, job_id=job_id or uuid.uuid4().hex, summary=summary)
         if dev.preview_dir is not None:
@@ -502,7 +509,7 @@ class PrinterService(BaseService):
             (dev.preview_dir / (stem + ext)).write_bytes(job.data)
             (dev.preview_dir / (stem + ".png")).write_bytes(
                 preview_document(kind, document, dev.options.document))
-        except (OSError, PrintRefused) as exc:  # a preview must never stop a print
+        except (OSError, Refused) as exc:  # a preview must never stop a print
             log.warning("%s: cannot write the preview of job %s to %s: %s", dev.id, job.id,
                         dev.preview_dir, exc)
 
@@ -512,15 +519,15 @@ class PrinterService(BaseService):
 
         Blocking (a commit): from a thread. ``owner`` may read the job (default:
         ``source``); ``digest`` is the request body's, for an Idempotency-Key job id:
-        the same id with another body raises IdempotencyKeyReused. PrintRefused
+        the same id with another body raises IdempotencyKeyReused. Refused
         (503) when too many jobs wait already or the agent is stopping.
         """
         job, dev = prepared.job, prepared.device
         assert dev.worker is not None
         with self._record_lock:
             if self._closed or self.store is None:
-                raise PrintRefused(503, f"{dev.id}: edge-agent is not running its printers "
-                                        "(starting or stopping); not queued", reason="stopping")
+                raise Unavailable(f"{dev.id}: edge-agent is not running its printers "
+                                  "(starting or stopping); not queued", reason="stopping")
             row = self.store.get(job.id)
             if row is None:
                 try:
@@ -530,7 +537,7 @@ class PrinterService(BaseService):
                                    expires_at=time.time() + (job.expires_at
                                                              - dev.worker.queue.clock()))
                 except PrintJobsFull as exc:
-                    raise PrintRefused(503, f"{dev.id}: {exc}", reason="queue_full") from None
+                    raise Unavailable(f"{dev.id}: {exc}", reason="queue_full") from None
                 with self._lock:
                     self._jobs[job.id] = JobInfo(source, owner or source, prepared.ref)
                     self._jobs.move_to_end(job.id)
@@ -832,7 +839,7 @@ def preview_main(cfg_loader: Callable[[], AgentConfig], document: str, source: s
         options = service.document_options(kind, printer)
         png = preview_document(kind, document, options)
         data, summary = render_document(kind, document, options)
-    except PrintRefused as exc:
+    except Refused as exc:
         print(f"edge-agent print-preview: {source}: {exc}", file=sys.stderr)
         return 2
     out = Path(output or Path(source).with_suffix(".png"))

@@ -27,8 +27,8 @@ from typing import TYPE_CHECKING, Any
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 
-from agent.devices.print_documents import PrintRefused
 from agent.devices.printing import ANSWER_TIMEOUT_S
+from agent.errors import Invalid, NotFound, Refused, Unavailable
 from agent.idempotency import IdempotencyKeyReused, body_digest
 from agent.web.api import ApiProblem, Caller, ErrorBody, error_body, parse_json_object
 from drivers.printer import JobResult, Label
@@ -64,8 +64,13 @@ def _body_doc(schema: dict[str, Any]) -> dict[str, Any]:
         "schema": schema}}}}
 
 
-def _refused(exc: PrintRefused) -> ApiProblem:
-    return ApiProblem(exc.status, str(exc), exc.field, reason=exc.reason)
+# Each kind of refusal answers with one status.
+REFUSED_STATUS: dict[type[Refused], int] = {NotFound: 404, Invalid: 422, Unavailable: 503}
+
+
+def _refused(exc: Refused) -> ApiProblem:
+    status = next(code for cls, code in REFUSED_STATUS.items() if isinstance(exc, cls))
+    return ApiProblem(status, str(exc), exc.field, reason=exc.reason)
 
 
 async def _body(request: Request) -> dict[str, Any]:
@@ -101,7 +106,7 @@ def print_router(service: PrinterService) -> APIRouter:
                 await asyncio.to_thread(service.check_key, job_id, digest)
             prepared = await asyncio.to_thread(service.prepare, kind, body, job_id)
             ticket = await asyncio.to_thread(service.submit, prepared, caller, digest=digest)
-        except PrintRefused as exc:
+        except Refused as exc:
             raise _refused(exc) from None
         except IdempotencyKeyReused as exc:
             raise ApiProblem(422, str(exc), exc.field, reason="idempotency_key_reused") from None
@@ -134,7 +139,7 @@ def print_router(service: PrinterService) -> APIRouter:
 
         try:
             png = await asyncio.to_thread(render)
-        except PrintRefused as exc:
+        except Refused as exc:
             raise _refused(exc) from None
         return Response(png, media_type="image/png")
 
