@@ -24,7 +24,6 @@ from agent.config import (
     CONFIG_ENV,
     DEFAULT_CONFIG_PATH,
     DEFAULT_HQ_CONFIG_PATH,
-    KINDS,
     AgentConfig,
     blame_env,
     config_path,
@@ -32,6 +31,7 @@ from agent.config import (
     load_agent_config,
 )
 from agent.errors import AgentError, ConfigError
+from agent.kinds import KINDS
 from agent.ops.install import Resolve, under
 
 if TYPE_CHECKING:

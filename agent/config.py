@@ -40,7 +40,6 @@ DEFAULT_HQ_CONFIG_PATH = "/etc/edge-agent-hq/hq.toml"
 CONFIG_ENV = "EDGE_AGENT_CONFIG"
 ENV_PREFIX = "EDGE_AGENT__"
 
-KINDS: tuple[str, ...] = ("sale", "plant", "scan", "sensor", "print", "device", "alarm")
 DEVICE_TYPES = ("scanner", "receipt_printer", "label_printer", "sensor")
 SITE_ID_RE = re.compile(r"^[a-z0-9-]{1,64}$")
 US_STATE_RE = re.compile(r"^[A-Z]{2}$")

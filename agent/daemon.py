@@ -35,6 +35,7 @@ from agent.commands.journal import CommandJournal
 from agent.config import AgentConfig
 from agent.devices.family import Service, ServiceContext, all_devices, build_services
 from agent.errors import AgentError, OutboxCorrupt, OutboxError
+from agent.kinds import NEVER_DROPPED_TEXT
 from agent.ops import sdnotify
 from agent.ops.advertise import Advertiser
 from agent.ops.status import build_status
@@ -86,7 +87,8 @@ class Conditions:
         refused, self._refused = self._refused, self._refusals()
         for code, active, message in (
             ("outbox_full", state == "full",
-             "outbox at max_bytes: sale, plant and scan events are refused until HQ catches up"),
+             f"outbox at max_bytes: {NEVER_DROPPED_TEXT} events are refused until HQ "
+             "catches up"),
             ("disk_full", state == "disk_full",
              "the disk under the outbox is full: events are refused"),
         ):

@@ -52,9 +52,9 @@ from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
 from agent import proof
-from agent.config import KINDS
 from agent.envelope import decode
 from agent.errors import AgentError
+from agent.kinds import KINDS
 from hq.backends import open_store
 from hq.config import HqReceiverConfig
 from hq.fleet import (

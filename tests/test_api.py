@@ -20,9 +20,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from prometheus_client.parser import text_string_to_metric_families
 
-from agent.config import KINDS, AgentConfig
+from agent.config import AgentConfig
 from agent.envelope import decode
 from agent.errors import ConfigError, DiskFull, EventTooLarge, OutboxError
+from agent.kinds import KINDS
 from agent.outbox import Outbox
 from agent.web.api import ApiContext, Caller, create_app, outbox_writable
 from agent.web.auth import Tokens

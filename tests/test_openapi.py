@@ -180,7 +180,7 @@ def test_invalid_requests_get_documented_refusals(agent_site: LocalSite) -> None
 def test_the_document_covers_every_route(agent_site: LocalSite) -> None:
     """Every route the agent serves is in the document, and ``kind`` is an enum of the
     contract's kinds."""
-    from agent.config import KINDS
+    from agent.kinds import KINDS
 
     status, doc = agent_site.request("GET", "/openapi.json")
     assert status == 200

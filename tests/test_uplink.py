@@ -17,7 +17,8 @@ import paho.mqtt.client as mqtt
 import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
-from agent.config import KINDS, AgentConfig
+from agent.config import AgentConfig
+from agent.kinds import KINDS
 from agent.outbox import Outbox
 from agent.testing.localbroker import Broker, free_port, make_tls_files, start_broker
 from agent.uplink import DeliveryLedger, Uplink, parse_ack, split_host, with_epoch

@@ -30,7 +30,7 @@ from prometheus_client import (
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from agent.config import KINDS
+from agent.kinds import KINDS
 
 if TYPE_CHECKING:
     from agent.outbox import Outbox

@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from agent import __version__
 from agent.envelope import iso_ms
+from agent.kinds import COMPLIANCE_KINDS, NEVER_DROPPED_TEXT
 from agent.uplink.protocol import CAUSES
 
 if TYPE_CHECKING:
@@ -47,7 +48,6 @@ ACK_STALL_FACTOR = 2.0
 # Every code a reason may start with (the /metrics edge_status_reasons labels).
 REASON_CODES = ("uplink_down", "acks_stalled", "acks_refused", "outbox_full", "disk_full",
                 "report_deadline", "device_down", "alarm", "snapshot_failed")
-COMPLIANCE_KINDS = ("sale", "plant")
 # Device states that mean "not working"; the drivers report "up", "down",
 # "degraded" (works with a fault such as paper low) or "disabled".
 DEVICE_DOWN_STATES = frozenset({"down", "offline", "error", "fault"})
@@ -210,7 +210,7 @@ def build_status(src: StatusSources, now: float | None = None) -> dict[str, Any]
     box_state = outbox_part.get("state")
     if box_state == "full":
         reasons.append(f"outbox_full: {outbox_part.get('bytes')} of {outbox_part.get('max_bytes')}"
-                       " bytes (outbox.max_bytes) unsent; sale, plant and scan events are "
+                       f" bytes (outbox.max_bytes) unsent; {NEVER_DROPPED_TEXT} events are "
                        "refused until HQ acknowledges the backlog")
     elif box_state == "disk_full":
         reasons.append("disk_full: the disk under the outbox is full; events are refused")

@@ -26,9 +26,9 @@ from typing import Any
 
 from prometheus_client import Histogram
 
-from agent.config import KINDS
 from agent.envelope import iso_ms
 from agent.errors import DiskFull, EventTooLarge, OutboxCorrupt, OutboxError
+from agent.kinds import KINDS, NEVER_DROPPED_TEXT
 from agent.outbox.ballast import Ballast
 from agent.outbox.drain import DrainMeter
 from agent.outbox.epoch import start_epoch
@@ -265,7 +265,8 @@ class Outbox:
             alarms.append({
                 "code": "outbox_full", "since": iso_ms(full_since),
                 "message": f"outbox at max_bytes ({self.total_bytes} of {self.max_bytes} "
-                           "bytes): sale, plant and scan events are refused until HQ catches up"})
+                           f"bytes): {NEVER_DROPPED_TEXT} events are refused until HQ "
+                           "catches up"})
         if disk_full_since is not None:
             alarms.append({
                 "code": "outbox_disk_full", "since": iso_ms(disk_full_since),

@@ -17,9 +17,9 @@ from types import TracebackType
 from typing import IO, Any
 from urllib.parse import quote
 
-from agent.config import KINDS
 from agent.envelope import iso_ms, parse_iso
 from agent.errors import OutboxError
+from agent.kinds import KINDS
 from agent.outbox.records import KindStats
 from agent.outbox.store import DB_NAME, kind_range, seq_of
 

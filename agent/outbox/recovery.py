@@ -22,9 +22,9 @@ from dataclasses import dataclass, field
 
 from diskcache import Cache
 
-from agent.config import KINDS
 from agent.envelope import iso_ms
 from agent.errors import OutboxCorrupt
+from agent.kinds import KINDS
 from agent.outbox.records import KindState
 from agent.outbox.seqmark import SeqMarks
 from agent.outbox.store import (

@@ -28,6 +28,7 @@ from prometheus_client import Histogram
 from agent.envelope import UUIDv7, encode, iso_ms
 from agent.errors import DiskFull, EventTooLarge, OutboxError, OutboxFull
 from agent.idempotency import IdempotencyKeyReused
+from agent.kinds import HEADROOM_KINDS, NEVER_DROPPED, NEVER_DROPPED_TEXT, THINNED_KINDS
 from agent.outbox.ballast import Ballast
 from agent.outbox.drain import DrainMeter
 from agent.outbox.records import Accepted, KindState, KindStats
@@ -50,10 +51,8 @@ from agent.outbox.thinning import MinuteRun, scan_runs
 
 log = logging.getLogger(__name__)
 
-NEVER_DROPPED = frozenset({"sale", "plant", "scan"})
-THINNED_KINDS = frozenset({"sensor"})
-# May go a little over max_bytes, so the alarm saying "outbox full" can be written.
-HEADROOM_KINDS = frozenset({"alarm", "device", "print"})
+# NEVER_DROPPED, THINNED_KINDS and HEADROOM_KINDS are agent/kinds.py's; the last
+# may go a little over max_bytes, so the alarm saying "outbox full" can be written.
 HEADROOM_FRACTION = 0.01
 # Thinning frees this much more than the event in hand needs, so readings
 # arriving at the cap do not each pay for a scan.
@@ -655,8 +654,9 @@ class Writer:
             self.full_since = None  # room again (thinning or acks): sales go through
         if batch.refused_full and self.full_since is None:
             self.full_since = self._clock()
-            log.error("outbox %s full (%d of %d bytes): refusing sale/plant/scan until HQ "
-                      "acknowledges the backlog", self.path, self.total, self.max_bytes)
+            log.error("outbox %s full (%d of %d bytes): refusing %s events until HQ "
+                      "acknowledges the backlog", self.path, self.total, self.max_bytes,
+                      NEVER_DROPPED_TEXT)
 
     def _publish_stats(self) -> None:
         self.stats = {k: s.stats(k) for k, s in self._kinds.items()}

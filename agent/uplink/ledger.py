@@ -14,17 +14,14 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from agent.config import KINDS
+from agent.kinds import BULK_KINDS, PRIORITY, QUANTUM
 
 # The order kinds are served in each pass, and how many events of a kind one
 # pass may publish. Compliance events first; a million sensor readings drain
 # a quantum at a time behind them instead of starving them.
-PRIORITY: tuple[str, ...] = ("sale", "plant", "alarm", "print", "device", "scan", "sensor")
-QUANTUM: dict[str, int] = {"sale": 256, "plant": 256, "alarm": 64, "print": 64, "device": 64,
-                           "scan": 128, "sensor": 128}
-# High-volume kinds may not fill the last part of the in-flight window, so a
-# sale never waits for HQ to ack a sensor backlog before it can go out.
-BULK_KINDS = frozenset({"scan", "sensor"})
+# (Both from agent/kinds.py's table.)
+# High-volume kinds (BULK_KINDS) may not fill the last part of the in-flight window,
+# so a sale never waits for HQ to ack a sensor backlog before it can go out.
 BULK_RESERVE_FRACTION = 8          # 1/8 of mqtt.max_inflight is kept for the other kinds
 PUBLISH_FAILURE_HOLD_MAX_S = 30.0  # cap of the per-kind backoff after failed PUBACKs
 # The ack timeout backs off like TCP's retransmission timer (RFC 6298 5.5): each
@@ -33,8 +30,6 @@ PUBLISH_FAILURE_HOLD_MAX_S = 30.0  # cap of the per-kind backoff after failed PU
 # the last timeout resets it. See ``DeliveryLedger.ack_timed_out``.
 ACK_BACKOFF_MAX_FACTOR = 8
 ACK_BACKOFF_JITTER = 0.25          # a backed-off wait is stretched by up to 25%, at random
-
-assert set(PRIORITY) == set(KINDS), "every kind needs a place in the uplink priority"
 
 
 def backed_off_ack_wait(base_s: float, timeouts: int, rand: Callable[[], float]) -> float:

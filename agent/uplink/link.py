@@ -59,9 +59,10 @@ from paho.mqtt.reasoncodes import ReasonCode
 from paho.mqtt.subscribeoptions import SubscribeOptions
 
 from agent import proof
-from agent.config import KINDS, AgentConfig
+from agent.config import AgentConfig
 from agent.errors import OutboxError
-from agent.uplink.ledger import PRIORITY, DeliveryLedger, SentEvent
+from agent.kinds import KINDS, PRIORITY
+from agent.uplink.ledger import DeliveryLedger, SentEvent
 from agent.uplink.protocol import (
     CAUSES,
     MAX_DOWNLINK_BYTES,

@@ -14,8 +14,8 @@ from dataclasses import dataclass
 
 from paho.mqtt.reasoncodes import ReasonCode
 
-from agent.config import KINDS
 from agent.envelope import iso_ms
+from agent.kinds import KINDS
 
 
 def split_host(entry: str, default_port: int) -> tuple[str, int]:

@@ -51,9 +51,10 @@ from starlette.status import WS_1008_POLICY_VIOLATION
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from agent import __version__
-from agent.config import KINDS, AgentConfig
+from agent.config import AgentConfig
 from agent.errors import DiskFull, EventTooLarge, OutboxError, OutboxFull
 from agent.idempotency import IdempotencyKeyReused, body_digest
+from agent.kinds import KINDS
 from agent.ops.device_metrics import family_collectors
 from agent.ops.metrics import ApiMetrics
 from agent.ops.status import build_status

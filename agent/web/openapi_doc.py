@@ -23,7 +23,7 @@ from __future__ import annotations
 import copy
 from typing import Any
 
-from agent.config import KINDS
+from agent.kinds import KINDS
 
 ERROR_REF = {"$ref": "#/components/schemas/ErrorBody"}
 UNSAFE = frozenset({"post", "put", "patch", "delete"})
