@@ -4,7 +4,8 @@ Each figure comes with a baseline measured in the same run on the same machine:
 
 - http:    POST /v1/events/sale per second, 8 keep-alive clients, with p50/p99
            latency, versus the same clients against a bare FastAPI/uvicorn
-           endpoint that stores nothing; also the median of GET /healthz,
+           endpoint that stores nothing, in alternating rounds (agent, bare,
+           agent, bare...) so noise hits both alike; medians; also the median of GET /healthz,
            /metrics and /v1/status, and keep-alive over fresh-connection latency.
 - drain:   a 100,000-event backlog drained through mosquitto into the HQ
            receiver (stored and acked, outbox empty) per second, versus
@@ -80,15 +81,21 @@ def _hammer(port: int, path: str, token: str, seconds: float,
     return sum(counts) / (time.monotonic() - started), [x for per in latencies for x in per]
 
 
-def _rounds(port: int, token: str, seconds: float) -> tuple[float, list[float]]:
-    """A warm-up, then the median rate of 3 rounds and every latency of the three."""
-    _hammer(port, "/v1/events/sale", token, 1.0)
-    rates, latencies = [], []
-    for _ in range(3):
-        rate, lat = _hammer(port, "/v1/events/sale", token, seconds)
-        rates.append(rate)
-        latencies.extend(lat)
-    return statistics.median(rates), sorted(latencies)
+def _abab(ports: tuple[int, int], tokens: tuple[str, str], seconds: float, rounds: int
+          ) -> tuple[list[float], list[float], list[float], list[float]]:
+    """A warm-up of each, then ``rounds`` rounds alternating A (the agent) and B (the
+    baseline), so the machine's noise falls on both alike: the rates of each round and
+    every latency, for A and for B."""
+    for port, token in zip(ports, tokens, strict=True):
+        _hammer(port, "/v1/events/sale", token, 1.0)
+    rates: tuple[list[float], list[float]] = ([], [])
+    latencies: tuple[list[float], list[float]] = ([], [])
+    for _ in range(rounds):
+        for i, (port, token) in enumerate(zip(ports, tokens, strict=True)):
+            rate, lat = _hammer(port, "/v1/events/sale", token, seconds)
+            rates[i].append(rate)
+            latencies[i].extend(lat)
+    return rates[0], sorted(latencies[0]), rates[1], sorted(latencies[1])
 
 
 def _keep_alive_vs_fresh(port: int, token: str, path: str, pairs: int = 200) -> float:
@@ -141,26 +148,28 @@ uvicorn.run(app, host="127.0.0.1", port=int(sys.argv[1]), log_level="warning", a
 """
 
 
-def bench_http(work: Path, seconds: float) -> dict[str, Any]:
+def bench_http(work: Path, seconds: float, rounds: int = 4) -> dict[str, Any]:
     site = LocalSite(work / "http")
+    port = free_port()
+    bare = subprocess.Popen([sys.executable, "-c", _BARE_APP, str(port)])
     try:
         site.start()
-        agent, agent_lat = _rounds(site.api_port, site.token, seconds)
+        _wait(lambda: _port_open(port), 15, "bare uvicorn")
+        agent_rates, agent_lat, base_rates, base_lat = _abab(
+            (site.api_port, port), (site.token, "x"), seconds, rounds)
         cheap = {path: _get_ms(site.api_port, site.token, path)
                  for path in ("/healthz", "/metrics", "/v1/status")}
         keep_alive_ratio = _keep_alive_vs_fresh(site.api_port, site.token, "/v1/status")
     finally:
-        site.stop()
-    port = free_port()
-    bare = subprocess.Popen([sys.executable, "-c", _BARE_APP, str(port)])
-    try:
-        _wait(lambda: _port_open(port), 15, "bare uvicorn")
-        baseline, base_lat = _rounds(port, "x", seconds)
-    finally:
         bare.terminate()
         bare.wait(10)
+        site.stop()
+    agent, baseline = statistics.median(agent_rates), statistics.median(base_rates)
     return {"posts_per_s": round(agent), "baseline_bare_fastapi_per_s": round(baseline),
-            "ratio": round(agent / baseline, 3), "clients": 8, "rounds": 3,
+            "ratio": round(agent / baseline, 3), "clients": 8, "rounds": rounds,
+            "order": "ABAB (agent, bare, agent, bare...), medians of the rounds",
+            "round_posts_per_s": [round(r) for r in agent_rates],
+            "round_baseline_per_s": [round(r) for r in base_rates],
             "p50_ms": round(_pct(agent_lat, 50) * 1000, 2),
             "p99_ms": round(_pct(agent_lat, 99) * 1000, 2),
             "baseline_p50_ms": round(_pct(base_lat, 50) * 1000, 2),
