@@ -12,6 +12,7 @@ import sqlite3
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -218,6 +219,49 @@ def test_a_big_ack_deletes_in_chunks_between_other_work(open_outbox: OpenOutbox,
     assert depth_at_sale_commit == [85]  # one chunk gone, the sales in, then the rest
     assert ob.stats()["sensor"].depth == 0 and ob.stats()["sensor"].bytes == 0
     assert ob.counters["acked"] == 95
+
+
+def test_acks_under_a_stream_of_events_are_held_not_one_delete_per_commit(
+        open_outbox: OpenOutbox, monkeypatch: pytest.MonkeyPatch) -> None:
+    """While events keep arriving, acks are deleted at most every ACK_HOLD_S rather than
+    one delete transaction (an fsync) per group commit; once the stream stops every held
+    ack is applied."""
+    import agent.outbox.writer as writer_module
+
+    ob = open_outbox()
+    deletes: list[int] = []
+    real_delete = writer_module.Writer._delete
+
+    def counted(self: Any, work: dict[str, int]) -> dict[str, int]:
+        deletes.append(1)
+        return real_delete(self, work)
+
+    monkeypatch.setattr(writer_module.Writer, "_delete", counted)
+    # HQ acking everything committed so far after every commit, as under load.
+    ob.add_listener(lambda: ob.ack("sale", ob.stats()["sale"].last_seq))
+    stop = threading.Event()
+
+    def producer(p: int) -> None:
+        i = 0
+        while not stop.is_set():
+            ob.submit("sale", sale(p * 1_000_000 + i), "pos-1").result(5)
+            i += 1
+
+    threads = [threading.Thread(target=producer, args=(p,)) for p in range(4)]
+    started = time.monotonic()
+    for t in threads:
+        t.start()
+    wait_for(lambda: ob.counters["commits"] >= 60, 30, what="60 group commits")
+    stop.set()
+    for t in threads:
+        t.join(10)
+    elapsed = time.monotonic() - started
+    # The old writer deleted once per commit: 60+ here, however fast the disk.
+    hold = getattr(writer_module, "ACK_HOLD_S", 0.2)
+    assert len(deletes) <= elapsed / hold + 2, (len(deletes), elapsed)
+    last = ob.stats()["sale"].last_seq
+    wait_for(lambda: ob.stats()["sale"].depth == 0, 10, what="the held acks to be applied")
+    assert ob.counters["acked"] == last
 
 
 def test_stats_depth_bytes_and_oldest(open_outbox: OpenOutbox, tmp_path: Path) -> None:
