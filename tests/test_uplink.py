@@ -330,6 +330,37 @@ def test_events_flow_in_per_kind_order(broker: Broker, outbox: Any, make_hq: Any
     assert up.snapshot()["unacked"]["sale"] == 50
 
 
+def test_a_burst_of_commits_is_published_in_few_pump_passes(
+        broker: Broker, outbox: Any, make_hq: Any, make_uplink: Any,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Commits one after another (each wakes the uplink) are published at most one pump
+    pass per PUMP_INTERVAL_S, not a pass per commit; every event still reaches HQ in order."""
+    import agent.uplink.link as link_module
+
+    passes: list[int] = []
+    real_pump = link_module.Uplink._pump
+
+    def counted(self: Any, client: Any, now: float) -> None:
+        passes.append(1)
+        real_pump(self, client, now)
+
+    monkeypatch.setattr(link_module.Uplink, "_pump", counted)
+    hq = make_hq(broker.port)
+    up = make_uplink(config(broker.port), outbox)
+    wait_for(lambda: connected(up), what="uplink connected")
+    before = len(passes)
+    started = time.monotonic()
+    for i in range(300):  # 300 commits, each one event
+        outbox.submit("sale", json.dumps({"n": i}), "test").result(timeout=30)
+    elapsed = time.monotonic() - started
+    wait_for(lambda: len(hq.seqs("sale")) == 300, what="all 300 sales at HQ")
+    assert hq.seqs("sale") == list(range(1, 301))
+    interval = getattr(link_module, "PUMP_INTERVAL_S", 0.005)
+    # The burst's passes, plus a few for the PUBACKs after it.
+    during = len(passes) - before
+    assert during <= elapsed / interval + 10, (during, elapsed)
+
+
 @pytest.mark.parametrize("protocol", ["5", "3.1.1"])
 def test_nothing_leaves_the_outbox_until_hq_acks(broker: Broker, outbox: Any, make_hq: Any,
                                                  make_uplink: Any, protocol: str) -> None:

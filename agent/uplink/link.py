@@ -85,6 +85,10 @@ log = logging.getLogger("agent.uplink")
 
 PUMP_BUDGET = 1024                 # events published per loop turn before reads/acks get a turn
 MISC_INTERVAL_S = 0.5              # paho loop_misc (keepalive pings, ping timeouts)
+# Pump passes at most this often (but at once after a quiet spell, or when the last
+# pass stopped on its budget): under load every group commit wakes the uplink, and a
+# pass per commit competed with the API for the GIL for a handful of events each.
+PUMP_INTERVAL_S = 0.005
 STABLE_CONNECTION_S = 10.0         # a connection lost sooner counts as a failed round (backoff)
 GOODBYE_TIMEOUT_S = 2.0            # how long stop() waits for the offline status PUBACK
 MAX_PENDING_RESULTS = 1000         # command results kept while HQ is unreachable
@@ -173,6 +177,8 @@ class Uplink:
         self._next_misc = 0.0
         self._next_health = 0.0
         self._more = False                    # the pump stopped on its budget: go again soon
+        self._last_pump = 0.0                 # monotonic time of the last pump pass
+        self._pump_waiting = False            # a pass put off by PUMP_INTERVAL_S
         self._failure_logged: set[tuple[str, str]] = set()
 
     # ------------------------------------------------------------------ public
@@ -655,6 +661,8 @@ class Uplink:
             timeout = min(timeout, self._next_health - now)
             assert self.ledger is not None
             timeout = min(timeout, self.ledger.next_deadline(now) - now)
+        if self._pump_waiting:
+            timeout = min(timeout, self._last_pump + PUMP_INTERVAL_S - now)
         pending = getattr(sock, "pending", None)
         if self._more or (pending is not None and pending() > 0):
             timeout = 0.0   # more to send, or TLS already holds decrypted bytes select can't see
@@ -689,7 +697,12 @@ class Uplink:
             return
         self._timers(client, now)
         self._send_results(client)
-        self._pump(client, now)
+        if self._more or now - self._last_pump >= PUMP_INTERVAL_S:
+            self._pump_waiting = False
+            self._last_pump = now
+            self._pump(client, now)
+        else:
+            self._pump_waiting = True
         if client.socket() is None:
             self._lost_or_refused()
 
