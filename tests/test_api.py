@@ -694,3 +694,127 @@ def test_service_routes_are_counted_under_their_template(site: Site) -> None:
         samples = metric_samples(client.get("/metrics", headers=AUTH).text)
     assert samples[("edge_http_requests_total", (("route", "/v1/echo/{word}"),
                                                  ("status", "200")))] == 1
+
+
+# -- the fast lane (AgentApp) ---------------------------------------------------------------
+
+
+FAST_LANE_CASES: list[tuple[str, dict[str, str], bytes]] = [
+    ("sale", {**AUTH, "Content-Type": "application/json"}, json.dumps({"data": SALE}).encode()),
+    ("sale", {"Content-Type": "application/json"}, json.dumps({"data": SALE}).encode()),
+    ("sale", {"Authorization": "Bearer nope", "Content-Type": "application/json"}, b"{}"),
+    ("sale", {**AUTH, "Content-Type": "text/plain"}, json.dumps({"data": SALE}).encode()),
+    ("sale", AUTH, json.dumps({"data": SALE}).encode()),
+    ("nope", {**AUTH, "Content-Type": "application/json"}, b"{}"),
+    ("device", {**AUTH, "Content-Type": "application/json"}, b'{"data": {}}'),
+    ("sale", {**AUTH, "Content-Type": "application/json"}, b'{"data": '),
+    ("sale", {**AUTH, "Content-Type": "application/json"}, b""),
+    ("sale", {**AUTH, "Content-Type": "application/json"}, b'{"data": {"a": 1, "a": 2}}'),
+    ("sale", {**AUTH, "Content-Type": "application/json"}, b'{"data": {"n": "a\\u0000"}}'),
+    ("sale", {**AUTH, "Content-Type": "application/json"}, b'{"data": {}, "extra": 1}'),
+    ("sale", {**AUTH, "Content-Type": "application/json"}, b'{"source": "x"}'),
+    ("sale", {**AUTH, "Content-Type": "application/json"},
+     json.dumps({"data": {**SALE, "lines": [{**SALE["lines"][0], "package_tag": "x"}]}})
+     .encode()),
+    ("sale", {**AUTH, "Content-Type": "application/json", "Idempotency-Key": " bad"},
+     json.dumps({"data": SALE}).encode()),
+    ("sale", {**AUTH, "Content-Type": "application/json", "Idempotency-Key": "k-1"},
+     json.dumps({"data": SALE}).encode()),
+    ("sale", {**AUTH, "Content-Type": "application/json", "Idempotency-Key": "k-1"},
+     json.dumps({"data": SALE}).encode()),
+    ("sale", {**AUTH, "Content-Type": "application/json", "Idempotency-Key": "k-1"},
+     json.dumps({"data": {**SALE, "total": "36.00"}}).encode()),
+    ("sale", {**AUTH, "Content-Type": "application/json", "X-Edge-Source": "reg 1"},
+     json.dumps({"data": SALE}).encode()),
+    ("sale", {**AUTH, "Content-Type": "application/json"}, b"x" * ((1 << 20) + 1)),
+]
+SHOWN_HEADERS = ("content-type", "retry-after", "www-authenticate", "idempotent-replayed",
+                 "connection")
+
+
+def test_event_posts_skip_the_router_with_the_routed_answers(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """POST /v1/events/{kind} goes past Starlette's router (AgentApp's fast lane) and gives,
+    case by case, the answer the routed request gives: status, body, headers, metrics."""
+    import starlette.routing
+
+    routed_calls: list[str] = []
+    real_call = starlette.routing.Router.__call__
+
+    async def counted(self: Any, scope: Any, receive: Any, send: Any) -> None:
+        routed_calls.append(scope["path"])
+        await real_call(self, scope, receive, send)
+
+    monkeypatch.setattr(starlette.routing.Router, "__call__", counted)
+    fast, routed = Site(tmp_path / "fast"), Site(tmp_path / "routed")
+    routed.app.fast_events = None  # type: ignore[attr-defined]  # the lane off: routed
+    try:
+        answers = []
+        for one in (fast, routed):
+            routed_calls.clear()
+            got = []
+            for kind, headers, body in FAST_LANE_CASES:
+                r = one.client.post(f"/v1/events/{kind}", content=body, headers=headers)
+                shown = {h: r.headers.get(h) for h in SHOWN_HEADERS}
+                data = r.json()
+                if r.status_code == 202:
+                    data = {k: v for k, v in data.items() if k != "id"}
+                got.append((r.status_code, data, shown))
+            answers.append((got, list(routed_calls)))
+            samples = metric_samples(one.client.get("/metrics", headers=AUTH).text)
+            answers[-1] += ({k: v for k, v in samples.items()
+                             if k[0] == "edge_http_requests_total"},)
+        (fast_got, fast_routed, fast_counts), (routed_got, routed_routed, routed_counts) = answers
+        assert fast_got == routed_got
+        assert {s for s, _, _ in fast_got} >= {202, 400, 401, 403, 404, 413, 415, 422}
+        assert fast_routed == []
+        assert len(routed_routed) == len(FAST_LANE_CASES) - 1  # the 413 is BodyLimit's
+        assert fast_counts == routed_counts
+    finally:
+        fast.close()
+        routed.close()
+
+
+def test_the_payload_walk_runs_only_when_it_can_find_something(
+        site: Site, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A plain sale skips the value walk; a repeated key, a \\u escape or deep nesting still
+    get it (and their 422)."""
+    import agent.api as api_module
+
+    walked: list[int] = []
+    real_walk = api_module._check_values
+
+    def counted(root: dict[str, Any]) -> tuple[str, str] | None:
+        walked.append(1)
+        return real_walk(root)
+
+    monkeypatch.setattr(api_module, "_check_values", counted)
+    assert site.post("sale", SALE).status_code == 202
+    assert walked == []
+    headers = {**AUTH, "Content-Type": "application/json"}
+    for body in (b'{"data": {"a": 1, "a": 2}}', b'{"data": {"n": "\\u0000"}}',
+                 b'{"data": ' + b'[' * 40 + b']' * 40 + b'}'):
+        r = site.client.post("/v1/events/sale", content=body, headers=headers)
+        assert r.status_code == 422, (body, r.json())
+    assert len(walked) == 3
+
+
+def test_request_metrics_look_up_their_children_once(site: Site,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """The request counter's labelled child is looked up once per (route, status), not per
+    request; the counts stay right."""
+    counter = site.app.state.metrics.http_requests
+    looked_up: list[tuple[str, ...]] = []
+    real_labels = counter.labels
+
+    def counted(*values: str) -> Any:
+        looked_up.append(values)
+        return real_labels(*values)
+
+    monkeypatch.setattr(counter, "labels", counted)
+    for i in range(5):
+        assert site.post("sale", {**SALE, "receipt_number": f"R-{i}"}).status_code == 202
+    assert looked_up.count(("/v1/events/{kind}", "202")) <= 1
+    samples = metric_samples(site.client.get("/metrics", headers=AUTH).text)
+    assert samples[("edge_http_requests_total",
+                    (("route", "/v1/events/{kind}"), ("status", "202")))] == 5
