@@ -361,6 +361,34 @@ def test_a_burst_of_commits_is_published_in_few_pump_passes(
     assert during <= elapsed / interval + 10, (during, elapsed)
 
 
+def test_hq_acks_under_a_stream_reach_the_outbox_at_most_every_ack_flush_s(
+        broker: Broker, outbox: Any, make_hq: Any, make_uplink: Any,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """HQ acking every event of a stream is handed to the outbox (a delete each) at most
+    once per ACK_FLUSH_S, the latest ack per kind; the last one still empties it."""
+    import agent.uplink.link as link_module
+
+    handed: list[int] = []
+    real_ack = outbox.ack
+
+    def counted(kind: str, upto: int) -> Any:
+        handed.append(upto)
+        return real_ack(kind, upto)
+
+    monkeypatch.setattr(outbox, "ack", counted)
+    make_hq(broker.port, ack=True)
+    up = make_uplink(config(broker.port), outbox)
+    wait_for(lambda: connected(up), what="uplink connected")
+    started = time.monotonic()
+    for i in range(300):
+        outbox.submit("sale", json.dumps({"n": i}), "test").result(timeout=30)
+    wait_for(lambda: depth(outbox, "sale") == 0, 20, what="every sale acked and deleted")
+    elapsed = time.monotonic() - started
+    interval = getattr(link_module, "ACK_FLUSH_S", 0.1)
+    assert len(handed) <= elapsed / interval + 3, (len(handed), elapsed)
+    assert handed[-1] == 300
+
+
 @pytest.mark.parametrize("protocol", ["5", "3.1.1"])
 def test_nothing_leaves_the_outbox_until_hq_acks(broker: Broker, outbox: Any, make_hq: Any,
                                                  make_uplink: Any, protocol: str) -> None:

@@ -89,6 +89,10 @@ MISC_INTERVAL_S = 0.5              # paho loop_misc (keepalive pings, ping timeo
 # pass stopped on its budget): under load every group commit wakes the uplink, and a
 # pass per commit competed with the API for the GIL for a handful of events each.
 PUMP_INTERVAL_S = 0.005
+# Acks (HQ's, or the broker's deletable prefix) go to the outbox at most this often,
+# the latest per kind: under load HQ acks every few events, and each hand-over woke
+# the outbox writer for a delete (which it holds anyway, see ACK_HOLD_S there).
+ACK_FLUSH_S = 0.1
 STABLE_CONNECTION_S = 10.0         # a connection lost sooner counts as a failed round (backoff)
 GOODBYE_TIMEOUT_S = 2.0            # how long stop() waits for the offline status PUBACK
 MAX_PENDING_RESULTS = 1000         # command results kept while HQ is unreachable
@@ -174,6 +178,7 @@ class Uplink:
         self._goodbye_acked = False
         self._early_pubacks: dict[int, ReasonCode] = {}
         self._ack_due: dict[str, int] = {}
+        self._last_ack_flush = 0.0            # monotonic time acks last went to the outbox
         self._next_misc = 0.0
         self._next_health = 0.0
         self._more = False                    # the pump stopped on its budget: go again soon
@@ -200,7 +205,7 @@ class Uplink:
         self.ledger = DeliveryLedger(start_after, max_inflight=self.mq.max_inflight,
                                      hq_ack=self.hq_ack, ack_timeout_s=self.mq.ack_timeout_s,
                                      hold_min_s=self.mq.backoff_min_s)
-        self.outbox.add_listener(self._wake)
+        self.outbox.add_listener(self._on_commit)
         self._thread = threading.Thread(target=self._run, name="uplink", daemon=True)
         self._thread.start()
 
@@ -265,6 +270,12 @@ class Uplink:
         # BlockingIOError: a wake is already pending; OSError: closing down.
         with contextlib.suppress(OSError):
             self._wake_w.send(b"\0")
+
+    def _on_commit(self) -> None:
+        # The outbox writer, after each commit (its stats already updated): no wake
+        # when a pump pass is already due (PUMP_INTERVAL_S), which reads them anyway.
+        if not self._pump_waiting:
+            self._wake()
 
     def _drain_wake(self) -> None:
         try:
@@ -663,6 +674,8 @@ class Uplink:
             timeout = min(timeout, self.ledger.next_deadline(now) - now)
         if self._pump_waiting:
             timeout = min(timeout, self._last_pump + PUMP_INTERVAL_S - now)
+        if self._ack_due:
+            timeout = min(timeout, self._last_ack_flush + ACK_FLUSH_S - now)
         pending = getattr(sock, "pending", None)
         if self._more or (pending is not None and pending() > 0):
             timeout = 0.0   # more to send, or TLS already holds decrypted bytes select can't see
@@ -730,7 +743,14 @@ class Uplink:
             self._drain_wake()
 
     def _flush_acks(self) -> None:
-        """Hand the acks gathered this turn to the outbox: one delete per kind."""
+        """Hand the acks gathered to the outbox, one delete per kind, at most every
+        ACK_FLUSH_S (at once after a quiet spell, and when stopping)."""
+        if not self._ack_due:
+            return
+        now = time.monotonic()
+        if now - self._last_ack_flush < ACK_FLUSH_S and not self._stopping.is_set():
+            return
+        self._last_ack_flush = now
         due, self._ack_due = self._ack_due, {}
         for kind, upto in due.items():
             try:
