@@ -697,6 +697,40 @@ def test_append_is_awaitable(open_outbox: OpenOutbox) -> None:
     assert (accepted.kind, accepted.seq) == ("device", 1)
 
 
+def test_appends_of_one_group_commit_wake_their_loop_once(open_outbox: OpenOutbox) -> None:
+    """Eight append()s committed together are answered on their loop by one
+    call_soon_threadsafe, not one each; each gets its own seq; a cancelled append whose
+    event was not written yet is dropped by the writer."""
+    import asyncio
+
+    ob = open_outbox()
+
+    async def main() -> tuple[list[int], int, bool]:
+        loop = asyncio.get_running_loop()
+        calls: list[Any] = []
+        real = loop.call_soon_threadsafe
+
+        def counted(*args: Any, **kwargs: Any) -> Any:
+            calls.append(args[0])
+            return real(*args, **kwargs)
+
+        loop.call_soon_threadsafe = counted  # type: ignore[method-assign]
+        with writer_held(ob):
+            tasks = [asyncio.ensure_future(ob.append("sale", sale(i), "pos-1"))
+                     for i in range(8)]
+            dropped = asyncio.ensure_future(ob.append("sale", sale(99), "pos-1"))
+            await asyncio.sleep(0)  # every append has submitted and waits
+            dropped.cancel()
+            await asyncio.sleep(0)
+        accepted = await asyncio.gather(*tasks)
+        return [a.seq for a in accepted], len(calls), dropped.cancelled()
+
+    seqs, wakes, cancelled = asyncio.run(main())
+    assert seqs == list(range(1, 9))
+    assert wakes == 1
+    assert cancelled and ob.stats()["sale"].last_seq == 8
+
+
 def test_thinning_counts_invalid_readings_instead_of_averaging_them() -> None:
     """A reading marked valid=false is counted per reason in the aggregate, not averaged in."""
     from agent.outbox.thinning import MinuteRun

@@ -54,6 +54,81 @@ _IDLE_STATS = {k: KindState().stats(k) for k in KINDS}
 COMMIT_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5)
 
 
+class _LoopWaiters:
+    """The asyncio futures awaiting the writer's, resolved on their loop in one wake
+    per writer round.
+
+    ``asyncio.wrap_future`` makes one ``call_soon_threadsafe`` per event, each a
+    write to the loop's self-pipe that lets the loop thread take the GIL from the
+    writer in the middle of resolving a group commit: the batch's answers went out
+    one handover at a time. Here the writer thread only notes what is done; at the
+    end of its round (:meth:`round_done`) each loop gets one callback that
+    resolves all of them. A future resolved in any other thread (a refusal in
+    :meth:`Outbox.submit`) wakes its loop at once. Cancelling the awaiting side
+    cancels the writer's future, as ``wrap_future`` does.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._due: dict[asyncio.AbstractEventLoop, list[tuple[
+            concurrent.futures.Future[Any], asyncio.Future[Any]]]] = {}
+        self._scheduled: set[asyncio.AbstractEventLoop] = set()
+        self.writer_thread: int | None = None
+
+    def watch(self, future: concurrent.futures.Future[Any]) -> asyncio.Future[Any]:
+        loop = asyncio.get_running_loop()
+        waiter: asyncio.Future[Any] = loop.create_future()
+        waiter.add_done_callback(lambda w: future.cancel() if w.cancelled() else None)
+        future.add_done_callback(lambda f: self._done(loop, f, waiter))
+        return waiter
+
+    def _done(self, loop: asyncio.AbstractEventLoop, future: concurrent.futures.Future[Any],
+              waiter: asyncio.Future[Any]) -> None:
+        if future.cancelled() and waiter.cancelled():
+            return  # the awaiting side gave up (and cancelled it, on its own loop)
+        with self._lock:
+            self._due.setdefault(loop, []).append((future, waiter))
+        if threading.get_ident() != self.writer_thread:
+            self._signal(loop)
+
+    def round_done(self) -> None:
+        """The writer thread, after each round: wake every loop with answers due."""
+        if not self._due:
+            return
+        with self._lock:
+            loops = list(self._due)
+        for loop in loops:
+            self._signal(loop)
+
+    def _signal(self, loop: asyncio.AbstractEventLoop) -> None:
+        with self._lock:
+            if not self._due.get(loop) or loop in self._scheduled:
+                return
+            self._scheduled.add(loop)
+        try:
+            loop.call_soon_threadsafe(self._flush, loop)
+        except RuntimeError:  # that loop is closed: nobody awaits these any more
+            with self._lock:
+                self._scheduled.discard(loop)
+                self._due.pop(loop, None)
+
+    def _flush(self, loop: asyncio.AbstractEventLoop) -> None:
+        with self._lock:
+            items = self._due.pop(loop, [])
+            self._scheduled.discard(loop)
+        for future, waiter in items:
+            if waiter.done():
+                continue
+            if future.cancelled():
+                waiter.cancel()
+                continue
+            exc = future.exception()
+            if exc is not None:
+                waiter.set_exception(exc)
+            else:
+                waiter.set_result(future.result())
+
+
 class Outbox:
     """The durable, size-capped outbox of one site (see the module docstring)."""
 
@@ -74,6 +149,7 @@ class Outbox:
         self._writer: Writer | None = None
         self._thread: threading.Thread | None = None
         self._listeners: list[Callable[[], None]] = []
+        self._waiters = _LoopWaiters()
         self._corrupt: list[OutboxCorrupt] = []
         # This opening's epoch (agent/outbox/epoch.py); the uplink puts it on the wire.
         self.epoch = ""
@@ -122,12 +198,14 @@ class Outbox:
                               clock=self._clock, ballast=self._ballast, marks=marks,
                               requests=self._queue, listeners=self._listeners,
                               counters=self.counters, drain=self.drain,
-                              commit_seconds=self.commit_seconds)
+                              commit_seconds=self.commit_seconds,
+                              after_round=self._waiters.round_done)
         if ballast_released:
             self._writer.ballast_released_at_open()
         self._thread = threading.Thread(target=self._writer.run, name="outbox-writer",
                                         daemon=True)
         self._thread.start()
+        self._waiters.writer_thread = self._thread.ident
         return recovered.reports
 
     def close(self, timeout: float | None = None) -> None:
@@ -188,8 +266,10 @@ class Outbox:
 
     async def append(self, kind: str, data_json: str, source: str,
                      idem_key: str | None = None, idem_digest: str | None = None) -> Accepted:
-        return await asyncio.wrap_future(self.submit(kind, data_json, source, idem_key,
-                                                     idem_digest))
+        # Not asyncio.wrap_future: one loop wake per group commit (_LoopWaiters).
+        result: Accepted = await self._waiters.watch(
+            self.submit(kind, data_json, source, idem_key, idem_digest))
+        return result
 
     # -- the uplink ----------------------------------------------------------
 

@@ -146,7 +146,8 @@ class Writer:
                  marks: SeqMarks, requests: queue.SimpleQueue[object],
                  listeners: list[Callable[[], None]], counters: dict[str, int],
                  drain: DrainMeter | None = None,
-                 commit_seconds: Histogram | None = None) -> None:
+                 commit_seconds: Histogram | None = None,
+                 after_round: Callable[[], None] = lambda: None) -> None:
         self.path = path
         self.drain = drain or DrainMeter()
         self._commit_seconds = commit_seconds
@@ -161,6 +162,7 @@ class Writer:
         self._marks = marks
         self._queue = requests
         self._listeners = listeners
+        self._after_round = after_round  # after each round's requests are settled
         self._ids = UUIDv7()
         self._kinds: dict[str, KindState] = recovered.kinds
         self._lost: dict[str, tuple[int, int]] = recovered.lost
@@ -247,6 +249,7 @@ class Writer:
                 for request in pending:
                     with contextlib.suppress(concurrent.futures.InvalidStateError):
                         request.future.set_exception(OutboxError(f"outbox writer failed: {exc}"))
+            self._round_done()
             now = time.monotonic()
             if stopping or now - last_maintenance >= IDLE_WAKE_S:
                 last_maintenance = now
@@ -260,7 +263,15 @@ class Writer:
             if self._acks_to_retry and (stopping or now - last_ack_retry >= ACK_RETRY_S):
                 last_ack_retry = now
                 self._retry_acks()
+            self._round_done()
         self._finish()
+        self._round_done()
+
+    def _round_done(self) -> None:
+        try:
+            self._after_round()
+        except Exception:  # a bug there must not stop the writer
+            log.exception("outbox writer: after-round hook failed")
 
     def _short_of_room(self) -> bool:
         """Whether acks must not wait: the outbox is (nearly) full, or the disk is."""
