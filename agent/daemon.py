@@ -42,8 +42,9 @@ from agent.ops.status import build_status
 from agent.outbox import Outbox
 from agent.uplink import Uplink
 from agent.web.allowed_hosts import allowed_hosts
-from agent.web.api import ApiContext, create_app
+from agent.web.api import create_app
 from agent.web.auth import Tokens
+from agent.web.context import ApiContext
 from agent.web.httpserver import build_server
 from agent.web.page import close_streams
 

@@ -158,8 +158,9 @@ def bench_agent_labels(count: int) -> dict[str, Any]:
     from agent.devices.family import ServiceContext, all_devices
     from agent.devices.printing import PrinterService
     from agent.outbox import Outbox
-    from agent.web.api import ApiContext, create_app
+    from agent.web.api import create_app
     from agent.web.auth import Tokens
+    from agent.web.context import ApiContext
 
     def label(i: int) -> dict[str, Any]:
         return {**LABEL, "batch": f"B-{i:06d}"}

@@ -39,16 +39,12 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from agent import __version__
 from agent.config import SITE_ID_RE
 from agent.envelope import iso_ms
-from agent.web.api import (
-    ApiProblem,
-    BodyLimit,
-    Caller,
-    error_body,
-    install_error_handlers,
-)
 from agent.web.auth import Tokens
+from agent.web.caller import Caller
 from agent.web.httpserver import BODY_TIMEOUT_S, HEADER_TIMEOUT_S, build_server
-from agent.web.page import PAGE_HEADERS, _static_response, add_session_routes, load_static
+from agent.web.middleware import BodyLimit
+from agent.web.page import PAGE_HEADERS, add_session_routes, load_static, static_response
+from agent.web.problems import ApiProblem, error_body, install_error_handlers
 from agent.web.sessions import SessionStore
 from hq.config import HqReceiverConfig
 from hq.fleet import FleetStore, by_risk, fleet_rows
@@ -122,14 +118,14 @@ def create_hq_app(ctx: HqWebContext) -> FastAPI:
         if page is None:
             raise ApiProblem(503, "the HQ page is not installed (agent/static/hq.html missing)",
                              reason="page_missing")
-        return _static_response(request, page, PAGE_HEADERS)
+        return static_response(request, page, PAGE_HEADERS)
 
     @app.get("/static/{name}")
     async def static_file(name: str, request: Request) -> Response:
         file = static.get(name)
         if file is None:
             raise ApiProblem(404, f"no such file {name[:40]!r} in the HQ page", "name")
-        return _static_response(request, file, {"X-Content-Type-Options": "nosniff"})
+        return static_response(request, file, {"X-Content-Type-Options": "nosniff"})
 
     sessions_router = APIRouter()
     add_session_routes(sessions_router, check=lambda token: ctx.tokens.check(token),

@@ -25,8 +25,10 @@ from agent.envelope import decode
 from agent.errors import ConfigError, DiskFull, EventTooLarge, OutboxError
 from agent.kinds import KINDS
 from agent.outbox import Outbox
-from agent.web.api import ApiContext, Caller, create_app, outbox_writable
+from agent.web.api import create_app, outbox_writable
 from agent.web.auth import Tokens
+from agent.web.caller import Caller
+from agent.web.context import ApiContext
 
 SITE = "co-denver-01"
 POS_TOKEN = "pos-token-0123456789abcdef"
@@ -779,7 +781,7 @@ def test_the_payload_walk_runs_only_when_it_can_find_something(
         site: Site, monkeypatch: pytest.MonkeyPatch) -> None:
     """A plain sale skips the value walk; a repeated key, a \\u escape or deep nesting still
     get it (and their 422)."""
-    import agent.api as api_module
+    import agent.web.checks as api_module
 
     walked: list[int] = []
     real_walk = api_module._check_values

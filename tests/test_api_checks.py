@@ -21,8 +21,9 @@ from agent.envelope import decode
 from agent.outbox import Outbox
 from agent.testing.localsite import LocalSite, sample_sale
 from agent.web.allowed_hosts import allowed_hosts
-from agent.web.api import ApiContext, create_app
+from agent.web.api import create_app
 from agent.web.auth import Tokens
+from agent.web.context import ApiContext
 from tests.conftest import wait_for
 
 SITE = "co-denver-01"

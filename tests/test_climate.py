@@ -26,8 +26,9 @@ from agent.outbox.thinning import MinuteRun
 from agent.pipeline.alarms import ALARMS_FILE
 from agent.pipeline.schemas import validate
 from agent.testing.localsite import write_toml
-from agent.web.api import ApiContext, create_app
+from agent.web.api import create_app
 from agent.web.auth import Tokens
+from agent.web.context import ApiContext
 from drivers.sensor.reader import SensorSpec, build_reading
 from drivers.sensor.reading import Sample
 from tests.conftest import wait_for

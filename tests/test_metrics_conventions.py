@@ -156,7 +156,7 @@ def test_metrics_are_open_on_loopback_and_token_guarded_otherwise(site: Site) ->
 
 def test_loopback_addresses() -> None:
     """127/8, ::1 and IPv4-mapped 127.x are this box; LAN addresses and names are not."""
-    from agent.web.api import is_loopback
+    from agent.web.caller import is_loopback
 
     assert all(map(is_loopback, ("127.0.0.1", "127.0.0.2", "::1", "::ffff:127.0.0.1")))
     assert not any(map(is_loopback, ("10.0.0.7", "::ffff:10.0.0.7", "fe80::1", "testclient",

@@ -27,8 +27,10 @@ from agent.config import AgentConfig
 from agent.outbox import Outbox
 from agent.testing.localbroker import free_port
 from agent.web import page
-from agent.web.api import ApiContext, Caller, create_app
+from agent.web.api import create_app
 from agent.web.auth import Tokens
+from agent.web.caller import Caller
+from agent.web.context import ApiContext
 from agent.web.page import close_streams, hq_link
 from agent.web.sessions import COOKIE_NAME
 from tests.conftest import wait_for

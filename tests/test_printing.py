@@ -39,8 +39,9 @@ from agent.envelope import decode
 from agent.outbox import Outbox
 from agent.testing.localbroker import free_port
 from agent.testing.localsite import write_toml
-from agent.web.api import ApiContext, create_app
+from agent.web.api import create_app
 from agent.web.auth import Tokens
+from agent.web.context import ApiContext
 from drivers.printer import LabelOptions, ReceiptOptions, render_label, render_receipt
 from tests.conftest import wait_for
 from tests.printer_fakes import (
@@ -755,3 +756,20 @@ def test_finished_print_jobs_are_forgotten_beyond_the_bound(
         assert last is not None and last.done and last.data is None
     finally:
         store.close()
+
+
+def test_print_routes_check_requests_as_the_events_route_does(site: PrintSite) -> None:
+    """One copy of the request checks: +json is JSON, a bad Idempotency-Key and a wrong
+    Content-Type get the events route's answer, word for word."""
+    content = json.dumps({"sale": SALE})
+    r = site.client.post("/v1/print/receipt", content=content,
+                         headers={**AUTH, "Content-Type": "application/vnd.pos+json"})
+    assert r.status_code == 200, r.text
+    for headers in ({"Content-Type": "text/plain"},
+                    {"Content-Type": "application/json", "Idempotency-Key": " padded"}):
+        printed = site.client.post("/v1/print/receipt", content=content,
+                                   headers={**AUTH, **headers})
+        event = site.client.post("/v1/events/sale", content=json.dumps({"data": {}}),
+                                 headers={**AUTH, **headers})
+        assert printed.status_code == event.status_code in (400, 415)
+        assert printed.json() == event.json()

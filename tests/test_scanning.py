@@ -25,8 +25,9 @@ from agent.devices.scan_feed import ScanFeed
 from agent.devices.scanning import ScannerService
 from agent.envelope import decode
 from agent.outbox import Outbox
-from agent.web.api import ApiContext, create_app
+from agent.web.api import create_app
 from agent.web.auth import Tokens
+from agent.web.context import ApiContext
 from drivers.scanner import reader as reader_mod
 from drivers.scanner.retail_id import encode_short_url
 from tests.conftest import Pty, wait_for

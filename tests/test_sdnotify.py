@@ -169,7 +169,7 @@ def test_unsupported_address_is_refused(caplog: pytest.LogCaptureFixture) -> Non
 def test_a_real_process_notifies_through_its_environment(fs_systemd: FakeSystemd) -> None:
     """A separate process with $NOTIFY_SOCKET set, as systemd starts it, gets READY=1 through."""
     env = dict(os.environ, **fs_systemd.env)
-    subprocess.run([sys.executable, "-c", "from agent import sdnotify; "
+    subprocess.run([sys.executable, "-c", "from agent.ops import sdnotify; "
                     "raise SystemExit(0 if sdnotify.ready() else 1)"],
                    env=env, check=True, timeout=60, cwd=Path(__file__).resolve().parents[1])
     assert fs_systemd.receive() == "READY=1"

@@ -19,8 +19,9 @@ import agent.web.sessions as sessions_module
 from agent.config import AgentConfig
 from agent.outbox import Outbox
 from agent.testing.localsite import LocalSite
-from agent.web.api import ApiContext, create_app
+from agent.web.api import create_app
 from agent.web.auth import Tokens
+from agent.web.context import ApiContext
 from agent.web.sessions import COOKIE_NAME, SessionStore
 
 SITE = "co-denver-01"

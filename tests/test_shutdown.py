@@ -19,8 +19,9 @@ from agent.config import AgentConfig
 from agent.outbox import Outbox
 from agent.outbox.writer import Writer
 from agent.testing.localbroker import Broker, free_port
-from agent.web.api import ApiContext, create_app
+from agent.web.api import create_app
 from agent.web.auth import Tokens
+from agent.web.context import ApiContext
 from tests.conftest import wait_for
 
 TOKEN = "shutdown-test-token-0123456789"

@@ -54,7 +54,7 @@ DEVICE_DOWN_STATES = frozenset({"down", "offline", "error", "fault"})
 
 
 class StatusSources(Protocol):
-    """What the snapshot reads; :class:`agent.web.api.ApiContext` is one."""
+    """What the snapshot reads; :class:`agent.web.context.ApiContext` is one."""
 
     @property
     def cfg(self) -> AgentConfig: ...

@@ -24,34 +24,23 @@ no caller can post as another.
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import ipaddress
 import json
 import logging
-import math
 import re
-import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any
+from typing import TYPE_CHECKING, Any
 
-from fastapi import APIRouter, Depends, FastAPI, Request, Security, WebSocketException
-from fastapi.exceptions import RequestValidationError
+from fastapi import APIRouter, FastAPI, Request
 from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse, Response
-from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel, Field
 from pydantic.json_schema import models_json_schema
-from starlette.exceptions import HTTPException as StarletteHTTPException
-from starlette.requests import ClientDisconnect, HTTPConnection
-from starlette.routing import Match
-from starlette.status import WS_1008_POLICY_VIOLATION
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from starlette.requests import ClientDisconnect
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from agent import __version__
-from agent.config import AgentConfig
 from agent.errors import DiskFull, EventTooLarge, OutboxError, OutboxFull
 from agent.idempotency import IdempotencyKeyReused, body_digest
 from agent.kinds import KINDS
@@ -60,469 +49,44 @@ from agent.ops.metrics import ApiMetrics
 from agent.ops.status import build_status
 from agent.pipeline import schemas
 from agent.web.allowed_hosts import HostCheck
-from agent.web.auth import Tokens
-from agent.web.httpserver import TIMEOUT_SCOPE_KEY
+from agent.web.caller import Caller, MetricsCaller, authenticated_caller, bearer_scheme
+from agent.web.checks import (
+    IDEMPOTENCY_KEY_MAX,
+    idempotency_key,
+    json_body,
+)
+from agent.web.context import ApiContext
+from agent.web.middleware import BodyLimit, RequestAccounting
 from agent.web.openapi_doc import complete as complete_openapi
-from agent.web.sessions import COOKIE_NAME, SessionStore, needs_origin_check, same_origin
+from agent.web.problems import (
+    ApiProblem,
+    ErrorBody,
+    client_gone,
+    error_body,
+    install_error_handlers,
+    problem_response,
+    shown,
+)
+from agent.web.sessions import SessionStore
 
 if TYPE_CHECKING:
     from agent.outbox import Outbox
 
 log = logging.getLogger(__name__)
 
-MAX_BODY_BYTES = 1 << 20
-# An over-long body with a declared length up to this is read and discarded so the
-# client can read its 413 (see BodyLimit); a longer one gets the connection cut.
-DRAIN_MAX_BYTES = 64 << 20
-# Deeper JSON than any POS sends; bounds the recursion of every later encoder.
-MAX_JSON_DEPTH = 32
-IDEMPOTENCY_KEY_MAX = 200
 SOURCE_LABEL_RE = re.compile(r"^[A-Za-z0-9_.:-]{1,64}$")
 ENVELOPE_KEYS = frozenset({"data", "source"})
 RETRY_AFTER_FULL_S = "60"
 RETRY_AFTER_UNAVAILABLE_S = "5"
 
 
-@dataclass
-class ApiContext:
-    """What the API reads and writes; built by the daemon (and by tests)."""
-
-    cfg: AgentConfig
-    outbox: Outbox
-    tokens: Tokens
-    uplink_snapshot: Callable[[], dict[str, Any]]
-    devices_snapshot: Callable[[], list[dict[str, Any]]]
-    started_at: float
-    max_body_bytes: int = MAX_BODY_BYTES
-    clock: Callable[[], float] = field(default=time.time)
-    # Device families (agent/devices/family.py): each may add routes and metrics.
-    services: list[Any] = field(default_factory=list)
-    # The Host names answered (agent/web/allowed_hosts.py); the daemon sets them. None: any
-    # (an app embedded in a test client, whose Host is "testserver").
-    allowed_hosts: frozenset[str] | None = None
-
-
 # -- the error shape -----------------------------------------------------------------------
-
-
-class ApiProblem(Exception):
-    """A request we refuse; rendered as the one error shape."""
-
-    def __init__(self, status: int, message: str, field: str | None = None, *,
-                 problems: list[dict[str, str]] | None = None, reason: str | None = None,
-                 headers: dict[str, str] | None = None) -> None:
-        super().__init__(message)
-        self.status = status
-        self.message = message
-        self.field = field
-        self.problems = problems
-        self.reason = reason
-        self.headers = headers
-
-
-def error_body(message: str, field: str | None = None,
-               problems: list[dict[str, str]] | None = None,
-               reason: str | None = None) -> dict[str, Any]:
-    if problems is None:
-        problems = [{"field": field, "message": message}] if field else []
-    body: dict[str, Any] = {"error": message, "field": field, "problems": problems}
-    if reason:
-        body["reason"] = reason
-    return body
-
-
-def _problem_response(exc: ApiProblem) -> JSONResponse:
-    return JSONResponse(error_body(exc.message, exc.field, exc.problems, exc.reason),
-                        status_code=exc.status, headers=exc.headers)
-
-
-def _shown(text: str, limit: int = 40) -> str:
-    """A caller's string, cut short for an error message."""
-    return repr(text if len(text) <= limit else text[:limit] + "...")
-
-
-def install_error_handlers(app: FastAPI) -> None:
-    """The one error shape for every app of ours (the site API, the HQ page): an
-    ApiProblem, a 404/405 and a request that fails validation all answer
-    ``error_body``, naming the field."""
-
-    @app.exception_handler(ApiProblem)
-    async def _on_problem(request: Request, exc: ApiProblem) -> JSONResponse:
-        return _problem_response(exc)
-
-    @app.exception_handler(StarletteHTTPException)
-    async def _on_http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-        message = {404: f"no such path {_shown(request.url.path)}",
-                   405: f"method {request.method} not allowed on {_shown(request.url.path)}"} \
-            .get(exc.status_code, str(exc.detail))
-        return JSONResponse(error_body(message), status_code=exc.status_code,
-                            headers=exc.headers)
-
-    @app.exception_handler(ClientDisconnect)
-    async def _on_gone(request: Request, exc: ClientDisconnect) -> JSONResponse:
-        return _client_gone(request.scope)
-
-    @app.exception_handler(RequestValidationError)
-    async def _on_invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
-        problems = [{"field": ".".join(str(p) for p in err.get("loc", ())),
-                     "message": str(err.get("msg", "invalid"))} for err in exc.errors()]
-        first = problems[0] if problems else {"field": None, "message": "invalid request"}
-        return JSONResponse(error_body(f"{first['field']}: {first['message']}", first["field"],
-                                       problems), status_code=422)
-
-
-def _client_gone(scope: Scope) -> JSONResponse:
-    """The answer to a request whose client left (or stalled) before its body ended.
-
-    Nobody reads it (the server drops it; a stalled body already got its 408 from
-    agent/web/httpserver.py), but it is what the request counter records: a 4xx, not a
-    500, and a line at DEBUG, not a traceback.
-    """
-    client = scope.get("client") or ("?", 0)
-    if scope.get(TIMEOUT_SCOPE_KEY):
-        log.debug("api: %s %s from %s: the body did not arrive in time", scope.get("method"),
-                  scope.get("path"), client[0])
-        return JSONResponse(error_body("body: did not arrive in time", "body",
-                                       reason="request_timeout"), status_code=408)
-    log.debug("api: %s %s from %s: the client left before its body ended", scope.get("method"),
-              scope.get("path"), client[0])
-    return JSONResponse(error_body("body: the connection closed before the body ended", "body",
-                                   reason="client_disconnected"), status_code=400)
 
 
 # -- ASGI middleware ---------------------------------------------------------------------
 
 
-class _BodyTooLarge(Exception):
-    """Raised into the app from ``receive`` once the 413 is already sent."""
-
-
-class BodyLimit:
-    """Answers 413 for a request body over ``max_bytes`` before anything parses it.
-
-    A declared ``Content-Length`` over the limit is refused before the app runs.
-    A body without one (chunked) is counted as it arrives; at the first byte
-    over the limit the 413 goes out and ``receive`` raises, so the app reads
-    nothing further. Whatever the app then tries to send is dropped.
-
-    The connection: most clients (urllib, requests) write the whole body before
-    they read the answer, and a server that closes on unread input resets the
-    connection, so they would see a broken pipe instead of the 413. So a
-    declared length up to ``DRAIN_MAX_BYTES`` is read to its end and discarded
-    chunk by chunk (never buffered, never parsed) before the 413 goes out. A
-    client that sent ``Expect: 100-continue`` is answered at once (it has not
-    sent the body); so is a longer declared body, and a chunked one, which may
-    never end, with ``Connection: close``.
-    """
-
-    def __init__(self, app: ASGIApp, max_bytes: int = MAX_BODY_BYTES) -> None:
-        self.app = app
-        self.max_bytes = max_bytes
-
-    async def _refuse(self, send: Send, status: int, message: str, reason: str,
-                      close: bool = True) -> None:
-        body = json.dumps(error_body(message, "body", reason=reason)).encode()
-        headers = [(b"content-type", b"application/json"),
-                   (b"content-length", str(len(body)).encode())]
-        if close:
-            headers.append((b"connection", b"close"))
-        await send({"type": "http.response.start", "status": status, "headers": headers})
-        await send({"type": "http.response.body", "body": body})
-
-    @staticmethod
-    async def _discard(receive: Receive, declared_bytes: int) -> None:
-        seen = 0
-        while seen <= declared_bytes:
-            message = await receive()
-            if message["type"] != "http.request":
-                return
-            seen += len(message.get("body", b""))
-            if not message.get("more_body", False):
-                return
-
-    def _too_large(self) -> str:
-        return (f"body: over {self.max_bytes} bytes ({self.max_bytes / (1 << 20):g} MiB), "
-                "the API's limit for one request")
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        declared = [v for k, v in scope["headers"] if k == b"content-length"]
-        if declared:
-            raw = declared[0]
-            if len(declared) > 1 or not raw.isdigit():
-                await self._refuse(send, 400, "Content-Length: not a single decimal number",
-                                   "bad_content_length")
-                return
-            declared_bytes = int(raw)
-            if declared_bytes > self.max_bytes:
-                expects_continue = any(k == b"expect" and v.lower() == b"100-continue"
-                                       for k, v in scope["headers"])
-                drain = declared_bytes <= DRAIN_MAX_BYTES and not expects_continue
-                if drain:
-                    await self._discard(receive, declared_bytes)
-                await self._refuse(send, 413, self._too_large(), "body_too_large",
-                                   close=not drain)
-                return
-
-        received = 0
-        refused = False
-        started = False
-
-        async def limited_receive() -> Message:
-            nonlocal received, refused
-            if refused:
-                return {"type": "http.disconnect"}
-            message = await receive()
-            if message["type"] == "http.request":
-                received += len(message.get("body", b""))
-                if received > self.max_bytes:
-                    refused = True
-                    if not started:
-                        await self._refuse(send, 413, self._too_large(), "body_too_large")
-                    raise _BodyTooLarge
-            return message
-
-        async def guarded_send(message: Message) -> None:
-            nonlocal started
-            if refused:
-                return
-            if message["type"] == "http.response.start":
-                started = True
-            await send(message)
-
-        with contextlib.suppress(_BodyTooLarge):  # the 413 is already sent
-            await self.app(scope, limited_receive, guarded_send)
-
-
-class RequestAccounting:
-    """Counts answers by route template and status; turns a bug into a logged JSON 500.
-
-    The route label is the template (``/v1/events/{kind}``), or ``unmatched``:
-    a hostile path must not become a new time series.
-    """
-
-    def __init__(self, app: ASGIApp, metrics: ApiMetrics, routes: Callable[[], list[Any]]) -> None:
-        self.app = app
-        self.metrics = metrics
-        self.routes = routes
-        # The metric children per label set, looked up once rather than per request
-        # (``labels()`` takes a lock and builds the key every time). Bounded: route
-        # templates times the statuses we answer.
-        self._children: dict[tuple[str, int], tuple[Any, Any]] = {}
-
-    def _count(self, route: str, status: int, seconds: float) -> None:
-        children = self._children.get((route, status))
-        if children is None:
-            children = (self.metrics.http_requests.labels(route, str(status)),
-                        self.metrics.http_duration.labels(route))
-            if len(self._children) < 4096:
-                self._children[(route, status)] = children
-        children[0].inc()
-        children[1].observe(seconds)
-
-    def _route(self, scope: Scope) -> str:
-        # Routing stores the matched route in the (shared) scope; this also finds
-        # routes of included routers, which FastAPI wraps without a ``path``.
-        path = getattr(scope.get("route"), "path", None)
-        if isinstance(path, str):
-            return path
-        for route in self.routes():
-            match, _ = route.matches(scope)
-            if match is not Match.NONE:
-                return str(getattr(route, "path", "unmatched"))
-        return "unmatched"
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        route = "unmatched"
-        status = 0
-        started = time.perf_counter()
-
-        async def counting_send(message: Message) -> None:
-            nonlocal status
-            if message["type"] == "http.response.start":
-                status = message["status"]
-            await send(message)
-
-        try:
-            await self.app(scope, receive, counting_send)
-        except ClientDisconnect:  # read outside a route (a middleware): still not a 500
-            if not status:
-                await _client_gone(scope)(scope, receive, counting_send)
-        except Exception:  # any bug in a route: logged, answered 500 once, counted
-            route = self._route(scope)
-            log.exception("api: unexpected error answering %s %s", scope.get("method"), route)
-            if not status:
-                status = 500
-                body = json.dumps(error_body(
-                    "internal error: the request was not completed; it is logged on the agent "
-                    "(edge-agent journal), please report it", reason="internal")).encode()
-                await send({"type": "http.response.start", "status": 500, "headers": [
-                    (b"content-type", b"application/json"),
-                    (b"content-length", str(len(body)).encode())]})
-                await send({"type": "http.response.body", "body": body})
-        finally:
-            self._count(self._route(scope), status or 499, time.perf_counter() - started)
-
-
 # -- request parsing -----------------------------------------------------------------------
-
-
-def _reject_constant(name: str) -> Any:
-    raise ValueError(f"{name} is not valid JSON")
-
-
-def _finite_float(text: str) -> float:
-    value = float(text)
-    if not math.isfinite(value):
-        raise ValueError(f"number {text[:20]} is out of range")
-    return value
-
-
-def parse_json_object(raw: bytes) -> dict[str, Any]:
-    """The request body as a JSON object, or an ApiProblem naming what is wrong."""
-    if not raw.strip():
-        raise ApiProblem(400, 'body: empty; send a JSON object {"data": {...}}', "body")
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        raise ApiProblem(400, f"body: not UTF-8 (byte {exc.start})", "body") from None
-    duplicated = False
-
-    def pairs_hook(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-        nonlocal duplicated
-        value = dict(pairs)
-        if len(value) == len(pairs):
-            return value
-        duplicated = True
-        return _object(pairs)
-
-    try:
-        value = json.loads(text, parse_constant=_reject_constant, parse_float=_finite_float,
-                           object_pairs_hook=pairs_hook)
-    except json.JSONDecodeError as exc:
-        raise ApiProblem(400, f"body: not valid JSON: {exc.msg} at line {exc.lineno} column "
-                              f"{exc.colno}", "body") from None
-    except RecursionError:
-        raise ApiProblem(400, f"body: JSON nested deeper than {MAX_JSON_DEPTH} levels",
-                         "body") from None
-    except ValueError as exc:  # NaN/Infinity, an out-of-range number, a 5000-digit integer
-        raise ApiProblem(400, f"body: not valid JSON: {exc}", "body") from None
-    if not isinstance(value, dict):
-        raise ApiProblem(422, f'body: must be a JSON object {{"data": {{...}}}}, not '
-                              f"{_json_type(value)}", "body")
-    if duplicated or _may_hold_bad_values(text):
-        problem = _check_values(value)
-        if problem:
-            raise ApiProblem(422, f"{problem[0]}: {problem[1]}", problem[0])
-    return value
-
-
-def _may_hold_bad_values(text: str) -> bool:
-    """Whether :func:`_check_values` could find anything in a body parsed from ``text``
-    (without a repeated key): the walk is only paid for when it can.
-
-    Text decoded strictly from UTF-8 holds no surrogate, and json refuses a raw
-    control character, so a NUL or an unpaired surrogate can only come from a
-    ``\\u`` escape; and values nest at most one level deeper than the text has
-    ``{`` and ``[`` (counted inside strings too: more, never fewer).
-    """
-    return "\\u" in text or text.count("{") + text.count("[") >= MAX_JSON_DEPTH
-
-
-def _json_type(value: Any) -> str:
-    return {dict: "an object", list: "an array", str: "a string", bool: "a boolean",
-            type(None): "null"}.get(type(value), "a number")
-
-
-def _bad_text(text: str) -> str | None:
-    if "\x00" in text:
-        return "contains a NUL character"
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        return "contains an unpaired surrogate (\\ud800-\\udfff)"
-    return None
-
-
-class _Duplicated(dict[str, Any]):
-    """An object that had a key twice (json keeps the last one silently); refused."""
-
-    duplicate = ""
-
-
-def _object(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    """json's object hook: a plain dict, or a :class:`_Duplicated` naming the repeated key.
-
-    A key sent twice is ambiguous (which total does the POS mean?) and a classic way
-    to smuggle a value past one parser and into another: refused, naming the key.
-    """
-    value = dict(pairs)
-    if len(value) == len(pairs):
-        return value
-    marked = _Duplicated(value)
-    seen: set[str] = set()
-    for key, _ in pairs:
-        if key in seen:
-            marked.duplicate = key
-            break
-        seen.add(key)
-    return marked
-
-
-def _check_values(root: dict[str, Any]) -> tuple[str, str] | None:
-    """The first value no later encoder or HQ database can take: too deep, bad text, a
-    key given twice.
-
-    Iterative, so a hostile body cannot exhaust the stack here either.
-    """
-    stack: list[tuple[str, Any, int]] = [("", root, 1)]
-    while stack:
-        path, value, depth = stack.pop()
-        if depth > MAX_JSON_DEPTH:
-            return path or "body", f"nested deeper than {MAX_JSON_DEPTH} levels"
-        if isinstance(value, _Duplicated):
-            where = f"{path}.{value.duplicate}" if path else value.duplicate
-            return where[:200], "given more than once in one object; send each key once"
-        if isinstance(value, dict):
-            for key, item in value.items():
-                sub = f"{path}.{key}" if path else key
-                bad = _bad_text(key)
-                if bad:
-                    return path or "body", f"a key {bad}"
-                stack.append((sub, item, depth + 1))
-        elif isinstance(value, list):
-            stack.extend((f"{path}.{i}", item, depth + 1) for i, item in enumerate(value))
-        elif isinstance(value, str):
-            bad = _bad_text(value)
-            if bad:
-                return path, bad
-    return None
-
-
-def _content_type_is_json(request: Request) -> bool:
-    media = request.headers.get("content-type", "").split(";", 1)[0].strip().lower()
-    return media == "application/json" or (media.startswith("application/")
-                                            and media.endswith("+json"))
-
-
-def _idempotency_key(request: Request) -> str | None:
-    values = request.headers.getlist("idempotency-key")
-    if not values:
-        return None
-    message = f"must be 1-{IDEMPOTENCY_KEY_MAX} printable ASCII characters"
-    if len(values) > 1:
-        message = "send it once"
-    else:
-        key = values[0]
-        if (0 < len(key) <= IDEMPOTENCY_KEY_MAX and key.strip() == key
-                and all(" " <= c <= "~" for c in key)):
-            return key
-    raise ApiProblem(400, f"Idempotency-Key: {message}", "Idempotency-Key")
 
 
 def _source(caller: str, body: dict[str, Any], request: Request) -> str:
@@ -550,115 +114,6 @@ def _source(caller: str, body: dict[str, Any], request: Request) -> str:
 # -- authentication ------------------------------------------------------------------------
 
 
-_bearer = HTTPBearer(auto_error=False, description="a token of api.tokens_file")
-
-
-async def authenticated_caller(
-        request: HTTPConnection,
-        creds: Annotated[HTTPAuthorizationCredentials | None, Security(_bearer)]) -> str:
-    """The name of the caller's token, or a 401 that says how to authenticate.
-
-    A bearer token (POS, CLI, HQ tools) or the site page's session cookie
-    (agent/web/sessions.py). Typed HTTPConnection so WebSocket routes use it too.
-    A cookie is sent by the browser whoever made the page, so a request that
-    changes something and carries only the cookie must come from this very
-    origin (403 otherwise): that is the CSRF guard.
-    """
-    try:
-        return _caller(request, creds)
-    except ApiProblem as problem:
-        if request.scope["type"] != "websocket":
-            raise
-        # A WebSocket cannot carry the JSON error: refuse the handshake with a
-        # policy-violation close whose reason is the same message.
-        raise WebSocketException(WS_1008_POLICY_VIOLATION,
-                                 problem.message[:120]) from None
-
-
-def _caller(request: HTTPConnection, creds: HTTPAuthorizationCredentials | None) -> str:
-    ctx: ApiContext = request.app.state.ctx
-    if creds is None:
-        cookie = request.cookies.get(COOKIE_NAME)
-        if cookie:
-            return _cookie_caller(request, cookie)
-        if "authorization" in request.headers:
-            message = "Authorization: must be 'Bearer <token>'"
-        else:
-            message = "Authorization: missing; send 'Authorization: Bearer <token>'"
-        raise ApiProblem(401, message, "Authorization", reason="unauthenticated",
-                         headers={"WWW-Authenticate": 'Bearer realm="edge-agent"'})
-    name = ctx.tokens.check(creds.credentials)
-    if name is None:
-        client = request.client.host if request.client else "?"
-        log.info("api: unknown token from %s on %s", client, request.url.path)
-        raise ApiProblem(401, "Authorization: unknown token", "Authorization",
-                         reason="unauthenticated",
-                         headers={"WWW-Authenticate":
-                                  'Bearer realm="edge-agent", error="invalid_token"'})
-    return name
-
-
-def _cookie_caller(request: HTTPConnection, cookie: str) -> str:
-    ctx: ApiContext = request.app.state.ctx
-    sessions: SessionStore = request.app.state.sessions
-    session = sessions.lookup(cookie)
-    # A session outlives nothing: its token's name must still be in the tokens file.
-    if session is None or session.name not in ctx.tokens.names:
-        raise ApiProblem(401, "session: expired or signed out; sign in again with a token",
-                         "session", reason="unauthenticated",
-                         headers={"WWW-Authenticate": 'Bearer realm="edge-agent"'})
-    if needs_origin_check(request):
-        ok, why = same_origin(request)
-        if not ok:
-            client = request.client.host if request.client else "?"
-            log.warning("api: refused a cross-origin %s %s from %s by session %s (%s)",
-                        request.scope.get("method", "WebSocket"), request.url.path, client,
-                        session.name, why)
-            raise ApiProblem(403, f"{why}; a signed-in page may only change things from the "
-                                  "agent's own page", why.split(":", 1)[0],
-                             reason="cross_origin")
-    return session.name
-
-
-Caller = Annotated[str, Depends(authenticated_caller)]
-
-# Headers a reverse proxy on the box adds: its request comes from loopback but is
-# somebody else's, so it needs the token like any request from the LAN.
-PROXY_HEADERS = ("forwarded", "x-forwarded-for", "x-real-ip")
-
-
-def is_loopback(host: str) -> bool:
-    """127.0.0.0/8, ::1, and 127.x as a dual-stack socket shows it (``::ffff:127.0.0.1``)."""
-    try:
-        ip = ipaddress.ip_address(host)
-    except ValueError:
-        return False   # "testclient", a name: not an address on this box
-    mapped = getattr(ip, "ipv4_mapped", None)
-    return ip.is_loopback or (mapped is not None and mapped.is_loopback)
-
-
-def scraper_on_this_box(request: HTTPConnection) -> bool:
-    """A request from loopback with no token, no cookie and no proxy header."""
-    headers = request.headers
-    return (is_loopback(request.client.host if request.client else "")
-            and "authorization" not in headers and "cookie" not in headers
-            and not any(name in headers for name in PROXY_HEADERS))
-
-
-async def metrics_caller(
-        request: HTTPConnection,
-        creds: Annotated[HTTPAuthorizationCredentials | None, Security(_bearer)]) -> str:
-    """``/metrics``: open to a scraper on the box itself (a local Prometheus agent or
-    node exporter; loopback has no one else on it), token-guarded from anywhere else
-    like every other route. A token that is sent is checked, from loopback too."""
-    if creds is None and scraper_on_this_box(request):
-        return "loopback"
-    return await authenticated_caller(request, creds)
-
-
-MetricsCaller = Annotated[str, Depends(metrics_caller)]
-
-
 # -- documentation models (OpenAPI only; the handlers parse by hand, see the module doc) -----
 
 
@@ -666,20 +121,6 @@ class EventAccepted(BaseModel):
     id: str = Field(description="the event's UUIDv7, kept on every resend")
     seq: int = Field(description="per (site, kind), from 1, never reused")
     kind: str
-
-
-class Problem(BaseModel):
-    field: str | None
-    message: str
-
-
-class ErrorBody(BaseModel):
-    error: str
-    field: str | None = Field(description="dotted path of the first problem, e.g. "
-                                          "data.lines.0.package_tag")
-    problems: list[Problem]
-    reason: str | None = Field(default=None, description="machine-readable cause, e.g. "
-                                                         "outbox_full, disk_full")
 
 
 class Healthz(BaseModel):
@@ -763,9 +204,9 @@ def _fast_lane(app: FastAPI, ctx: ApiContext, metrics: ApiMetrics, route: Any,
         try:
             response = await handler(kind, request)
         except ApiProblem as exc:
-            response = _problem_response(exc)
+            response = problem_response(exc)
         except ClientDisconnect:
-            response = _client_gone(scope)
+            response = client_gone(scope)
         await response(scope, receive, send)
 
     lane: ASGIApp = endpoint
@@ -832,23 +273,18 @@ def create_app(ctx: ApiContext, routers: Iterable[APIRouter] = ()) -> FastAPI:
         # The hot path: the caller is found without FastAPI's dependency solver (a
         # quarter of the route's time); the same check as Caller, declared in the
         # document by openapi_extra's security.
-        name = await authenticated_caller(request, await _bearer(request))
+        name = await authenticated_caller(request, await bearer_scheme(request))
         if kind not in KINDS:
-            raise ApiProblem(404, f"kind: unknown event kind {_shown(kind)}; one of "
+            raise ApiProblem(404, f"kind: unknown event kind {shown(kind)}; one of "
                                   f"{', '.join(KINDS)}", "kind", reason="unknown_kind")
         if kind in schemas.AGENT_ONLY_KINDS:
             raise ApiProblem(403, f"kind: {schemas.AGENT_ONLY_KINDS[kind]}; they cannot be "
                                   "posted over the API", "kind", reason="agent_only_kind")
-        idem_key = _idempotency_key(request)
-        if not _content_type_is_json(request):
-            got = request.headers.get("content-type")
-            raise ApiProblem(415, "Content-Type: must be application/json"
-                                  + (f", not {_shown(got)}" if got else " (missing)"),
-                             "Content-Type", reason="unsupported_media_type")
-        body = parse_json_object(await request.body())
+        idem_key = idempotency_key(request)
+        body = await json_body(request)
         unknown = sorted(set(body) - ENVELOPE_KEYS)
         if unknown:
-            raise ApiProblem(422, f"{_shown(unknown[0])}: unknown field; the body is "
+            raise ApiProblem(422, f"{shown(unknown[0])}: unknown field; the body is "
                                   '{"data": {...}, "source"?: "..."}', unknown[0][:64])
         if "data" not in body:
             raise ApiProblem(422, 'data: required; the body is {"data": {...}}', "data")

@@ -24,7 +24,8 @@ from typing import TYPE_CHECKING, Any
 from fastapi import APIRouter
 
 from agent.devices.climate_history import MINUTE_S, RETENTION_S
-from agent.web.api import ApiProblem, Caller
+from agent.web.caller import Caller
+from agent.web.problems import ApiProblem
 from drivers.sensor.rooms import BAND_QUANTITIES, Band
 
 if TYPE_CHECKING:

@@ -46,7 +46,10 @@ from agent.config import AgentConfig
 from agent.envelope import decode, iso_ms
 from agent.errors import OutboxError
 from agent.ops.status import build_status
-from agent.web.api import ApiContext, ApiProblem, Caller, ErrorBody, parse_json_object
+from agent.web.caller import Caller
+from agent.web.checks import parse_json_object
+from agent.web.context import ApiContext
+from agent.web.problems import ApiProblem, ErrorBody
 from agent.web.sessions import COOKIE_NAME, SessionStore, same_origin
 
 if TYPE_CHECKING:
@@ -414,7 +417,7 @@ def load_static() -> dict[str, StaticFile]:
     return files
 
 
-def _static_response(request: Request, file: StaticFile, headers: dict[str, str]) -> Response:
+def static_response(request: Request, file: StaticFile, headers: dict[str, str]) -> Response:
     # no-cache = revalidate each time: after an upgrade every tablet gets the new page.
     common = {"ETag": file.etag, "Cache-Control": "no-cache", **headers}
     if request.headers.get("if-none-match") == file.etag:
@@ -559,7 +562,7 @@ def page_router(ctx: ApiContext, closing: threading.Event, tap: AlarmTap) -> API
         if page is None:  # a broken install: say so instead of a bare 404
             raise ApiProblem(503, "the site page is not installed (agent/static/index.html "
                                   "missing); reinstall edge-agent", reason="page_missing")
-        return _static_response(request, page, PAGE_HEADERS)
+        return static_response(request, page, PAGE_HEADERS)
 
     @router.get("/static/{name}", response_class=Response, summary="The page's files (no token)",
                 responses={200: {"content": {"text/css": {}, "text/javascript": {},
@@ -571,7 +574,7 @@ def page_router(ctx: ApiContext, closing: threading.Event, tap: AlarmTap) -> API
         file = static.get(name)
         if file is None:
             raise ApiProblem(404, f"no such file {name[:40]!r} in the site page", "name")
-        return _static_response(request, file, {"X-Content-Type-Options": "nosniff"})
+        return static_response(request, file, {"X-Content-Type-Options": "nosniff"})
 
     add_session_routes(router, check=lambda token: ctx.tokens.check(token), clock=ctx.clock,
                        required="the API token of this tablet (a line of api.tokens_file)",

@@ -30,14 +30,15 @@ from fastapi.responses import JSONResponse, Response
 from agent.devices.printing import ANSWER_TIMEOUT_S
 from agent.errors import Invalid, NotFound, Refused, Unavailable
 from agent.idempotency import IdempotencyKeyReused, body_digest
-from agent.web.api import ApiProblem, Caller, ErrorBody, error_body, parse_json_object
+from agent.web.caller import Caller
+from agent.web.checks import idempotency_key, json_body
+from agent.web.problems import ApiProblem, ErrorBody, error_body
 from drivers.printer import JobResult, Label
 
 if TYPE_CHECKING:
     from agent.devices.printing import PrinterService
     from drivers.printer.device import Kind
 
-IDEMPOTENCY_KEY_MAX = 200
 _ERRORS: dict[int | str, dict[str, Any]] = {
     code: {"description": desc, "model": ErrorBody}
     for code, desc in ((401, "no or unknown token"), (404, "unknown printer"),
@@ -73,31 +74,18 @@ def _refused(exc: Refused) -> ApiProblem:
     return ApiProblem(status, str(exc), exc.field, reason=exc.reason)
 
 
-async def _body(request: Request) -> dict[str, Any]:
-    media = request.headers.get("content-type", "").split(";", 1)[0].strip().lower()
-    if media != "application/json":
-        raise ApiProblem(415, "Content-Type: must be application/json", "Content-Type",
-                         reason="unsupported_media_type")
-    return parse_json_object(await request.body())
-
-
 def _job_id(request: Request, caller: str) -> str | None:
-    values = request.headers.getlist("idempotency-key")
-    if not values:
-        return None
-    key = values[0]
-    if (len(values) > 1 or not 0 < len(key) <= IDEMPOTENCY_KEY_MAX or key.strip() != key
-            or not all(" " <= c <= "~" for c in key)):
-        raise ApiProblem(400, f"Idempotency-Key: must be sent once, 1-{IDEMPOTENCY_KEY_MAX} "
-                              "printable ASCII characters", "Idempotency-Key")
-    return f"{caller}:{key}"  # two POS using the same key must not share a job
+    """The job id an Idempotency-Key names, scoped to the caller (two POS using the same
+    key must not share a job); ":" since the id goes into /v1/print/jobs/{id}."""
+    key = idempotency_key(request)
+    return None if key is None else f"{caller}:{key}"
 
 
 def print_router(service: PrinterService) -> APIRouter:
     router = APIRouter(tags=["printing"])
 
     async def print_document(kind: Kind, request: Request, caller: str) -> Response:
-        body = await _body(request)
+        body = await json_body(request)
         job_id = _job_id(request, caller)
         # The body's digest goes on disk with the job: a key reused with another body is 422.
         digest = body_digest({"kind": kind, "body": body}) if job_id is not None else None
@@ -128,7 +116,7 @@ def print_router(service: PrinterService) -> APIRouter:
         return _not_printed(service, result)
 
     async def preview(kind: Kind, request: Request) -> Response:
-        body = await _body(request)
+        body = await json_body(request)
 
         def render() -> bytes:
             from agent.devices.print_documents import parse_document, preview_document

@@ -11,7 +11,7 @@ The family itself is ``agent/devices/scanning.py``.
 - ``GET /v1/catalog``: the package catalog's size and state; with
   ``?tag=...``, whether that package tag is in it.
 
-Authentication is :func:`agent.web.api.authenticated_caller`, as for every other
+Authentication is :func:`agent.web.caller.authenticated_caller`, as for every other
 route: ``Authorization: Bearer <token>`` on the handshake (POS and tools), or
 the site page's session cookie (a same-origin page only). There is no
 ``?token=`` form: a token in a URL lands in access logs, proxies and browser
@@ -43,7 +43,8 @@ from starlette.exceptions import WebSocketException
 from agent.devices.scan_feed import FeedClient
 from agent.envelope import iso_ms
 from agent.pipeline.schemas import is_package_tag
-from agent.web.api import ApiProblem, Caller, authenticated_caller, error_body
+from agent.web.caller import Caller, authenticated_caller
+from agent.web.problems import ApiProblem, error_body
 
 if TYPE_CHECKING:
     from agent.devices.scanning import ScannerService
