@@ -112,7 +112,7 @@ def test_outbox_commit_latency_is_a_histogram_observed_per_group_commit(
 def test_printer_job_outcomes_are_disjoint_and_sum_to_the_jobs() -> None:
     """sum by device of edge_printer_jobs_total over outcome, plus pending, is the jobs
     submitted: held, retried and expired-within-failed no longer count a job twice."""
-    from agent.devices.printing import PrinterCollector
+    from agent.ops.device_metrics import PrinterCollector
 
     counts = {"submitted": 10, "printed": 5, "sent": 1, "held": 3, "retried": 2,
               "retries": 4, "expired": 1, "failed": 3, "pending": 1}
