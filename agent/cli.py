@@ -30,7 +30,7 @@ from agent.config import (
     env_names,
     load_agent_config,
 )
-from agent.errors import AgentError, ConfigError
+from agent.errors import AgentError, ConfigError, ConfigIssue
 from agent.kinds import KINDS
 from agent.ops.install import Resolve, under
 
@@ -255,9 +255,7 @@ def validated_config(path: str, resolve: Resolve | None = None) -> AgentConfig:
     ``resolve`` (``--root``), the files the config names are read where it says.
     """
     from agent.devices.family import config_issues
-    from agent.errors import ConfigIssue
     from agent.ops.install import rooted
-    from agent.web.auth import Tokens
 
     try:
         cfg = load_agent_config(path, rooted(resolve) if resolve else None)
@@ -270,13 +268,7 @@ def validated_config(path: str, resolve: Resolve | None = None) -> AgentConfig:
         cfg, issues, dropped = exc.partial, list(exc.issues), exc.dropped
     later: list[ConfigIssue] = []
     if "api" not in dropped:
-        try:
-            Tokens.load(cfg.api.tokens_file)
-        except ConfigError as exc:
-            later.extend(ConfigIssue(f"api.tokens_file{'.' + i.path if i.path else ''}",
-                                     i.message) for i in exc.issues)
-        except AgentError as exc:
-            later.append(ConfigIssue("api.tokens_file", str(exc)))
+        later.extend(_tokens_file_issues("api.tokens_file", cfg.api.tokens_file))
     later.extend(config_issues(cfg))
     if "mqtt" not in dropped:
         for key in ("ca_file", "cert_file", "key_file", "password_file"):
@@ -299,12 +291,25 @@ def validated_config(path: str, resolve: Resolve | None = None) -> AgentConfig:
     return cfg
 
 
+def _tokens_file_issues(key: str, path: str) -> list[ConfigIssue]:
+    """What is wrong with a tokens file (``api.tokens_file``, ``hq.tokens_file``), named by
+    ``key`` and, inside the file, by the token's line."""
+    from agent.web.auth import Tokens
+
+    try:
+        Tokens.load(path)
+    except ConfigError as exc:
+        return [ConfigIssue(f"{key}{'.' + i.path if i.path else ''}", i.message)
+                for i in exc.issues]
+    except AgentError as exc:
+        return [ConfigIssue(key, str(exc))]
+    return []
+
+
 def validated_hq_config(path: str, resolve: Resolve | None = None) -> HqReceiverConfig:
     """Load an HQ config and check the files the receiver reads, as one list of issues."""
-    from agent.errors import ConfigIssue
     from agent.ops.install import rooted
     from agent.proof import KeyFileError, read_master_key
-    from agent.web.auth import Tokens
     from hq.config import HqReceiverConfig, load_hq_config
 
     try:
@@ -329,11 +334,7 @@ def validated_hq_config(path: str, resolve: Resolve | None = None) -> HqReceiver
             except KeyFileError as exc:
                 later.append(ConfigIssue("hq.master_key_file", str(exc).split(": ", 1)[1]))
         if cfg.hq.http_port:
-            try:
-                Tokens.load(cfg.hq.tokens_file)
-            except ConfigError as exc:
-                later.extend(ConfigIssue(f"hq.tokens_file{'.' + i.path if i.path else ''}",
-                                         i.message) for i in exc.issues)
+            later.extend(_tokens_file_issues("hq.tokens_file", cfg.hq.tokens_file))
     issues.extend(blame_env(later, env_names(HqReceiverConfig)))
     if issues:
         raise ConfigError(path, issues)
