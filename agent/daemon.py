@@ -206,6 +206,10 @@ async def _serve(cfg: AgentConfig, stack: contextlib.AsyncExitStack,
         log.error("%s", report)
         conditions.report_corrupt(report)
 
+    # The uplink, the command router and the status form a circle (the router answers
+    # through the uplink, the uplink hands commands to the router and publishes the
+    # status, the status reads the uplink): the uplink is made last, and the two
+    # lambdas that reach it before then answer "not yet" while it is None.
     uplink: Uplink | None = None
     # Command ids on disk beside the outbox: a command HQ resends after a restart runs once.
     journal = await asyncio.to_thread(CommandJournal, Path(cfg.outbox.path).parent)
