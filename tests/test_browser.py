@@ -225,7 +225,8 @@ def test_rooms_show_readings_against_bands_with_charts(tmp_path: Path, page: Pag
 
 
 def test_scans_arrive_live_marked_known_or_unknown(tmp_path: Path, page: Page) -> None:
-    """Scans on a (pty) scanner appear live, marked unknown, then known after HQ's catalog-put."""
+    """Scans on a (pty) scanner appear live, marked unknown, then known after HQ's catalog-put;
+    the rows line up."""
     master, slave = os.openpty()
     s = LocalSite(tmp_path / "site", devices=[{
         "id": "counter-1-scanner", "type": "scanner", "terminator": "cr",
@@ -249,6 +250,13 @@ def test_scans_arrive_live_marked_known_or_unknown(tmp_path: Path, page: Page) -
         expect(first).to_contain_text("known package")
         expect(first).to_have_attribute("data-known", "true")
         expect(page.locator("#scans li")).to_have_count(2)
+        # The rows line up: every tag starts at the same x, whatever its badge says.
+        lefts = page.eval_on_selector_all(
+            "#scans li .code", "els => els.map(e => Math.round(e.getBoundingClientRect().left))")
+        assert len(lefts) == 2 and len(set(lefts)) == 1, lefts
+        badge_rights = page.eval_on_selector_all(
+            "#scans li > .badge", "els => els.map(e => e.getBoundingClientRect().right)")
+        assert max(badge_rights) <= lefts[0], (badge_rights, lefts)  # no badge over a tag
         shot(page, "scans")
 
         # A scanned tag fills the plant form ("typed or scanned").

@@ -309,3 +309,16 @@ def test_the_demos_printed_commands_paste_and_run(tmp_path: Path) -> None:
                               timeout=60, cwd="/", env={"PATH": "/usr/bin:/bin"})
         assert done.returncode == 2, (command, done.stderr)
         assert f"file not found: {missing}" in done.stderr
+
+
+def test_the_demos_receipts_carry_the_time_of_the_sale() -> None:
+    """The demo's sales are sold now (with the zone's offset), not on one fixed date."""
+    import datetime as dt
+
+    from agent.testing.demo import demo_sale
+
+    sold = dt.datetime.fromisoformat(demo_sale(1)["sold_at"])
+    assert sold.tzinfo is not None
+    assert abs((dt.datetime.now(dt.UTC) - sold).total_seconds()) < 60
+    later = dt.datetime(2027, 3, 1, 9, 30, tzinfo=dt.UTC)
+    assert dt.datetime.fromisoformat(demo_sale(2, later)["sold_at"]) == later

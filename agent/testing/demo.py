@@ -9,6 +9,7 @@ stops everything it started (and nothing else).
 from __future__ import annotations
 
 import argparse
+import datetime as dt
 import itertools
 import shlex
 import shutil
@@ -58,13 +59,13 @@ def main(argv: list[str] | None = None) -> int:
         for n in itertools.count(1):
             if args.duration and time.monotonic() - started > args.duration:
                 break
-            status, body = site.request("POST", "/v1/events/sale",
-                                        {"data": sample_sale(n)},
+            sale = demo_sale(n)
+            status, body = site.request("POST", "/v1/events/sale", {"data": sale},
                                         headers={"Idempotency-Key": f"demo-{n}"})
             if status == 202:
                 accepted += 1
                 # Every sale gets its receipt; every fifth package a label.
-                site.request("POST", "/v1/print/receipt", {"sale": sample_sale(n)})
+                site.request("POST", "/v1/print/receipt", {"sale": sale})
                 if n % 5 == 1:
                     site.request("POST", "/v1/print/label", demo_label(n))
             else:
@@ -134,6 +135,13 @@ def demo_devices(workdir: Path) -> list[dict[str, Any]]:
          "url": f"sim://climate?seed=3&{tz}&lights_on=06:00&lights_off=00:00&day_c=25"
                 "&night_c=21&day_rh=62&night_rh=68&co2=900", "interval_s": 5},
     ]
+
+
+def demo_sale(n: int, now: dt.datetime | None = None) -> dict[str, Any]:
+    """Sale ``n`` as the demo's POS rings it up: a real time on every receipt (now, in
+    this machine's zone, with its offset)."""
+    when = (now or dt.datetime.now()).astimezone()
+    return sample_sale(n, sold_at=when.isoformat(timespec="seconds"))
 
 
 def demo_label(n: int) -> dict[str, Any]:

@@ -298,12 +298,16 @@ class LocalSite:
         return [json.loads(row[0]) for row in rows]
 
 
-def sample_sale(n: int, register: str = "pos-1") -> dict[str, Any]:
-    """A valid sale payload, shaped after Metrc's sales receipt."""
+FIXED_SOLD_AT = "2026-11-22T10:03:11-07:00"
+
+
+def sample_sale(n: int, register: str = "pos-1", sold_at: str = FIXED_SOLD_AT) -> dict[str, Any]:
+    """A valid sale payload, shaped after Metrc's sales receipt; ``sold_at`` fixed (tests
+    compare days) unless given (the demo gives the time of the sale)."""
     tag = f"1A4FF01000000220000{n % 100000:05d}"
     return {
         "receipt_number": f"R-{n:06d}",
-        "sold_at": "2026-11-22T10:03:11-07:00",
+        "sold_at": sold_at,
         "customer_type": "Consumer",
         "patient_license": None,
         "register": register,
