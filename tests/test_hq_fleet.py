@@ -315,10 +315,12 @@ def test_fleet_state_from_status_health_and_will(broker: Broker, tmp_path: Path)
         agent = Agentish(broker.port, "co-a")
         agent.health(health_bytes("co-a", sale_depth=4, sale_age=30.0,
                                   devices=[{"id": "zebra", "state": "down"}]))
+        # QoS 1: the broker has each before _publish returns (at QoS 0 a loaded CI machine
+        # once left one of them unseen after 10 s); the deadline is for a loaded machine too.
         for junk in (b"\x00garbage", b'{"a":' * 50 + b"1" + b"}" * 50, health_bytes("co-b")):
-            _publish(broker.port, "edge/co-a/health", junk, qos=0)
+            _publish(broker.port, "edge/co-a/health", junk)
         _publish(broker.port, "edge/co-a/status", b'{"state": 1}')
-        wait_for(lambda: rx.counters["fleet_malformed"] == 4, what="4 bad fleet messages")
+        wait_for(lambda: rx.counters["fleet_malformed"] == 4, 30, what="4 bad fleet messages")
         wait_for(lambda: (fleet.states().get("co-a") or SiteState("x")).health is not None,
                  what="co-a's health stored")
         out = io.StringIO()
