@@ -10,7 +10,8 @@ that thread, in that order:
 3. only then the broker gets its PUBACKs (``manual_ack=True``), so a receiver
    killed before step 2 leaves the messages unacknowledged in its persistent
    session and the broker redelivers them when it comes back;
-4. each changed watermark is acked to the agent on ``P/acks`` (QoS 1).
+4. each changed watermark is acked to the agent on ``P/acks``: put before the
+   batch's PUBACKs, at QoS 0, the latest per stream (see "Acks" below).
 
 Any number of receivers share the load through the shared subscription
 ``$share/{group}/{prefix}/+/events/#``. Each has its own client id: the one
@@ -24,6 +25,19 @@ not stored it never acked, so the agents resend it after ``ack_timeout_s``.
 Two receivers given one client id knock each other off; the broker says so
 ("session taken over") and the receiver logs it once, as that.
 
+Acks. An ack is an idempotent, cumulative watermark with its own proof, and
+the ~1 s republish of every recently active stream's watermark heals a lost
+one, so acks go out at QoS 0: they take no PUBACK and no place in paho's
+in-flight window (``mqtt.max_inflight``). At QoS 1, in a reconnect storm, the
+broker's PUBACKs for them queued behind the flood of events it was sending this
+same connection; once ``max_inflight`` acks waited, every newer ack queued in
+paho behind them, and HQ's acks lagged its store by hundreds of thousands of
+events (bench/README.md, the storm). Acks are coalesced: each stream keeps at
+most one pending watermark (the highest), handed to paho only while paho has
+no unsent bytes, so at most one ack per stream is ever queued and a newer
+watermark replaces an older one that has not left yet. A stored batch's acks
+are handed over before its PUBACKs, so the agent hears of it first.
+
 The fleet (hq/fleet.py): every receiver also subscribes ``P/status``
 (plainly: a shared subscription gets no retained messages) and, through the
 share group, ``P/health``; each batch's fleet messages are written to the
@@ -32,6 +46,7 @@ fleet store after the events.
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import json
 import logging
@@ -85,6 +100,11 @@ STOP_FLUSH_S = 2.0           # how long a stop waits for the last packets to lea
 # CONTRACT 6's cap on one event (agent/outbox/store.py MAX_EVENT_BYTES): anything
 # bigger is a reject, checked before a byte of it is parsed.
 MAX_EVENT_BYTES = 1 << 20
+# Acks are watermarks, healed by the republish: QoS 0 (see the module docstring).
+ACK_QOS = 0
+# PUBACKs handed to paho at once while its socket keeps up: an ack waits behind
+# at most this many in paho (4 bytes each).
+PUBACK_CHUNK = 256
 
 
 class Heard:
@@ -138,7 +158,8 @@ class HqReceiver:
     """The HQ consumer (CONTRACT 8); ``run(stop)`` blocks until ``stop`` is set.
 
     ``counters`` (received, stored, duplicates, malformed (= rejected),
-    conflicts, acks_sent, connects, store_failures) may be read from any thread.
+    conflicts, acks_sent, acks_coalesced (an ack replaced by a newer watermark
+    before it left), connects, store_failures) may be read from any thread.
     ``subscribed`` is set while the shared subscription is granted. ``fatal``
     holds the error that stopped :meth:`run`, if one did (a bug: ``edge-agent hq``
     then exits non-zero so systemd restarts it).
@@ -175,8 +196,8 @@ class HqReceiver:
                              (f"$share/{cfg.hq.share_group}/{self._prefix}/+/health", 0)]
         self.counters: dict[str, int] = dict.fromkeys(
             ("received", "stored", "duplicates", "malformed", "rejected", "conflicts",
-             "acks_sent", "connects", "store_failures", "taken_over", "fleet_messages",
-             "fleet_malformed", "fleet_failures", "unproven_claims"), 0)
+             "acks_sent", "acks_coalesced", "connects", "store_failures", "taken_over",
+             "fleet_messages", "fleet_malformed", "fleet_failures", "unproven_claims"), 0)
         self.fatal: BaseException | None = None
         self._registered = frozenset(s.id for s in cfg.hq.sites)
         self._fleet_batch: list[StatusMessage | HealthMessage] = []
@@ -197,6 +218,10 @@ class HqReceiver:
         # last message and what it sent meanwhile (the ack's cap).
         self._active: dict[Stream, tuple[float, Heard]] = {}
         self._next_republish = 0.0
+        # The ack each stream is owed and paho has not been handed yet (the highest), and
+        # the PUBACKs of stored batches paho has not been handed yet, oldest first.
+        self._pending_acks: dict[Stream, int] = {}
+        self._pubacks: collections.deque[int] = collections.deque()
         self._malformed_logged_at = -MALFORMED_LOG_INTERVAL_S
         self._connack_ok = False
         self._store_failing = False
@@ -506,6 +531,7 @@ class HqReceiver:
         self._drop_reason = None
         self._taken_over = False
         self._mids.clear()  # ids of an old connection mean nothing on a new one
+        self._pubacks.clear()
         try:
             if m.protocol == "5":
                 props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
@@ -562,6 +588,7 @@ class HqReceiver:
             if client.loop_misc() != MQTTErrorCode.MQTT_ERR_SUCCESS:
                 break
             self._republish()
+            self._send_acks()
         self.subscribed.clear()
         if stop.is_set() and client.socket() is not None:
             self._flush_quietly()
@@ -620,13 +647,13 @@ class HqReceiver:
                 heard.cap = caps[stream] = heard.run_end(top)
         self._envelopes, self._rejects, self._mids = [], [], []
         self._store_fleet()
-        if self._client.socket() is None:
-            return
-        for mid in mids:
-            self._client.ack(mid, 1)
         for stream, upto in marks.items():
             # Never past the run of seqs the agent just sent (see Heard).
             self._publish_ack(stream, min(upto, caps.get(stream, 0)))
+        if self._client.socket() is None:
+            return
+        self._pubacks.extend(mids)
+        self._send_acks()
 
     def _store(self, envelopes: list[EventRow], rejects: list[Reject]) -> dict[Stream, int]:
         """``store_batch``, and if a message breaks it in a way SQLite did not (a bug
@@ -683,20 +710,52 @@ class HqReceiver:
             log.error("hq receiver: %s; not acknowledged, the broker will redeliver it", exc)
 
     def _publish_ack(self, stream: Stream, upto: int) -> None:
-        """``{"kind", "upto", "epoch"}`` (the epoch only when the agent sent one) on the
-        site's ``P/acks``, with proof when HQ has a master key."""
-        site, kind, epoch = stream
+        """Owe ``stream`` the ack ``upto``: it replaces a lower one not yet handed to paho
+        (:meth:`_send_acks` sends it)."""
         if upto <= 0:
             return
-        ack: dict[str, Any] = {"kind": kind, "upto": upto}
-        if epoch:
-            ack["epoch"] = epoch
-        if self._master is not None:
-            ack = proof.sign(self._site_key(site), site, "acks", ack)
-        info = self._client.publish(f"{self._prefix}/{site}/acks",
-                                    json.dumps(ack, separators=(",", ":")), qos=1)
-        if info.rc == MQTTErrorCode.MQTT_ERR_SUCCESS:
-            self.counters["acks_sent"] += 1
+        pending = self._pending_acks.get(stream)
+        if pending is not None:
+            self.counters["acks_coalesced"] += 1
+            if pending >= upto:
+                return
+        self._pending_acks[stream] = upto
+
+    def _send_acks(self, *, force: bool = False) -> None:
+        """Hand paho the pending acks, then the pending PUBACKs, PUBACK_CHUNK at a time
+        while the socket takes them all, but only while paho holds no bytes the socket
+        has not taken (``force``: stopping, everything at once).
+
+        So an ack queues behind at most one chunk of PUBACKs in paho, never behind a
+        growing backlog of them, and while the socket is full a newer watermark of a
+        stream replaces the older one instead of queueing behind it. Each ack is
+        ``{"kind", "upto", "epoch"}`` (the epoch only when the agent sent one) on the
+        site's ``P/acks`` at QoS 0, with proof when HQ has a master key. PUBACKs keep
+        the order their messages came in (MQTT 4.6).
+        """
+        client = self._client
+        if client.socket() is None or (client.want_write() and not force):
+            return
+        if self._pending_acks:
+            self._publish_pending_acks()
+        pubacks = self._pubacks
+        while pubacks and (force or not client.want_write()):
+            for _ in range(min(len(pubacks), PUBACK_CHUNK)):
+                client.ack(pubacks.popleft(), 1)
+
+    def _publish_pending_acks(self) -> None:
+        client = self._client
+        pending, self._pending_acks = self._pending_acks, {}
+        for (site, kind, epoch), upto in pending.items():
+            ack: dict[str, Any] = {"kind": kind, "upto": upto}
+            if epoch:
+                ack["epoch"] = epoch
+            if self._master is not None:
+                ack = proof.sign(self._site_key(site), site, "acks", ack)
+            info = client.publish(f"{self._prefix}/{site}/acks",
+                                  json.dumps(ack, separators=(",", ":")), qos=ACK_QOS)
+            if info.rc == MQTTErrorCode.MQTT_ERR_SUCCESS:
+                self.counters["acks_sent"] += 1
 
     def _republish(self) -> None:
         """Re-send the ack of streams heard from recently.
@@ -722,6 +781,7 @@ class HqReceiver:
             return
         for stream, (_, heard) in self._active.items():
             self._publish_ack(stream, min(marks.get(stream, 0), heard.cap))
+        self._send_acks()
 
     def _shutdown(self) -> None:
         """Let the last PUBACKs and acks leave, disconnect (a set client id's session
@@ -738,6 +798,7 @@ class HqReceiver:
                 if client.loop_write() != MQTTErrorCode.MQTT_ERR_SUCCESS:
                     return
 
+        self._send_acks(force=True)
         drain()
         if client.socket() is not None:
             props = None

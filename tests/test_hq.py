@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import os
 import signal
+import socket
 import sqlite3
+import struct
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -319,6 +323,116 @@ def test_watermark_is_republished_for_a_recent_site(broker: Broker, site: Site, 
             wait_for(lambda: deaf.upto() == 1, what="the re-published ack")
     finally:
         deaf.close()
+
+
+def _mqtt_packet(first: int, body: bytes) -> bytes:
+    size, length = bytearray(), len(body)
+    while True:
+        byte, length = length & 0x7F, length >> 7
+        size.append(byte | (0x80 if length else 0))
+        if not length:
+            return bytes([first]) + bytes(size) + body
+
+
+def _mqtt_str(text: bytes) -> bytes:
+    return struct.pack("!H", len(text)) + text
+
+
+class Flood:
+    """Sites that each push a whole backlog (QoS 1) onto the broker as fast as TCP takes
+    it: one raw MQTT 5 connection a site, the PUBLISH packets prebuilt."""
+
+    def __init__(self, port: int, sites: Sequence[str], per_site: int) -> None:
+        self.socks: list[socket.socket] = []
+        self.backlogs: list[bytes] = []
+        for site in sites:
+            sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+            sock.sendall(_mqtt_packet(0x10, _mqtt_str(b"MQTT") + b"\x05\x02\x00\x00"
+                                      + b"\x03\x21\xff\xff" + _mqtt_str(b"flood-" + site.encode())))
+            assert sock.recv(64)[:1] == b"\x20", f"CONNACK for {site}"
+            self.socks.append(sock)
+            topic = f"edge/{site}/events/sale".encode()
+            self.backlogs.append(b"".join(
+                _mqtt_packet(0x32, _mqtt_str(topic) + struct.pack("!H", seq) + b"\x00"
+                             + envelope_bytes(seq, site=site)) for seq in range(1, per_site + 1)))
+        self.threads = [threading.Thread(target=self._drain, args=(s,), daemon=True)
+                        for s in self.socks]
+        for t in self.threads:
+            t.start()
+
+    @staticmethod
+    def _drain(sock: socket.socket) -> None:
+        with contextlib.suppress(OSError):
+            while sock.recv(65536):   # the broker's PUBACKs
+                pass
+
+    def push(self) -> None:
+        pushers = [threading.Thread(target=s.sendall, args=(b,), daemon=True)
+                   for s, b in zip(self.socks, self.backlogs, strict=True)]
+        for t in pushers:
+            t.start()
+
+    def close(self) -> None:
+        for sock in self.socks:
+            with contextlib.suppress(OSError):
+                sock.sendall(b"\xe0\x00")
+            sock.close()
+
+
+class TimedStore(SqliteStore):
+    """A real store that notes when each stream's watermark first reached each height."""
+
+    def __init__(self, path: str) -> None:
+        super().__init__(path)
+        self.reached: dict[str, list[tuple[float, int]]] = {}
+
+    def store_batch(self, envelopes: Sequence[Mapping[str, Any] | EventRow],
+                    rejects: Sequence[Reject] = ()) -> dict[tuple[str, str, str], int]:
+        marks = super().store_batch(envelopes, rejects)
+        now = time.monotonic()
+        for (site, _, _), upto in marks.items():
+            self.reached.setdefault(site, []).append((now, upto))
+        return marks
+
+
+def test_acks_keep_pace_with_the_store_under_a_backlog(broker: Broker, tmp_path: Path) -> None:
+    """Under a flood of backlogs each site's first ack arrives while the store is still early
+    in the flood, however small mqtt.max_inflight is: acks wait for no PUBACK (QoS 0)."""
+    sites = [f"co-flood-{i:02d}" for i in range(20)]
+    per_site = 1500
+    total = len(sites) * per_site
+    store = TimedStore(str(tmp_path / "hq.db"))
+    # One QoS 1 ack in flight at a time: before, each ack waited for the PUBACK of the
+    # one before it, which the broker sends behind every event it is flooding us with.
+    rx = HqReceiver(hq_config(broker.port, tmp_path / "hq.db", max_inflight=1), store=store)
+    arrived: dict[str, list[tuple[float, int, int]]] = {}   # site: (when, upto, stored then)
+    listener = Site(broker.port, "ack-listener")
+
+    def on_ack(client: mqtt.Client, userdata: Any, msg: mqtt.MQTTMessage) -> None:
+        arrived.setdefault(msg.topic.split("/")[1], []).append(
+            (time.monotonic(), json.loads(msg.payload)["upto"], rx.counters["stored"]))
+
+    listener.client.on_message = on_ack
+    listener.listen_acks()
+    flood = Flood(broker.port, sites, per_site)
+    try:
+        with running(rx):
+            flood.push()
+            wait_for(lambda: all(max((a[1] for a in arrived.get(s, [])), default=0) == per_site
+                                 for s in sites), timeout=60, what="every site acked to the end")
+    finally:
+        flood.close()
+        listener.close()
+        store.close()
+    # How far the store had got when each site heard its first ack, and how long after
+    # the store reached that ack's watermark.
+    stored_then = {s: arrived[s][0][2] for s in sites}
+    lags = {}
+    for site in sites:
+        when, upto, _ = arrived[site][0]
+        lags[site] = round(when - next(t for t, m in store.reached[site] if m >= upto), 3)
+    assert max(stored_then.values()) <= total // 2, (stored_then, lags)
+    assert max(lags.values()) < 5.0, lags
 
 
 def test_fails_over_to_the_next_host(broker: Broker, site: Site, tmp_path: Path) -> None:
