@@ -36,7 +36,11 @@ events (bench/README.md, the storm). Acks are coalesced: each stream keeps at
 most one pending watermark (the highest), handed to paho only while paho has
 no unsent bytes, so at most one ack per stream is ever queued and a newer
 watermark replaces an older one that has not left yet. A stored batch's acks
-are handed over before its PUBACKs, so the agent hears of it first.
+are handed over before its PUBACKs, and PUBACKs wait in the receiver (in
+order) while paho has unsent bytes, so an ack never queues behind a growing
+backlog of PUBACKs in paho. (The kernel's socket buffers are still FIFO: an ack
+can wait there behind the PUBACKs already written, which mosquitto 2.0 reads
+one packet per socket per pass.)
 
 The fleet (hq/fleet.py): every receiver also subscribes ``P/status``
 (plainly: a shared subscription gets no retained messages) and, through the
