@@ -109,6 +109,15 @@ ACK_QOS = 0
 # PUBACKs handed to paho at once while its socket keeps up: an ack waits behind
 # at most this many in paho (4 bytes each).
 PUBACK_CHUNK = 256
+# Acks on a connection of their own (client id + ACK_LINK_SUFFIX), see "Acks".
+ACK_LINK = True
+ACK_LINK_SUFFIX = "-acks"
+ACK_LINK_RETRY_S = 5.0       # a failed ack link is tried again this often
+# On the link acks go at QoS 1, at most this many awaiting the broker's PUBACK: the
+# link carries nothing else, so a PUBACK comes as soon as the broker has read the
+# ack, and the rest wait coalesced (one per stream) until the broker keeps up.
+ACK_LINK_QOS = 1
+ACK_LINK_WINDOW = 64
 
 
 class Heard:
@@ -226,6 +235,11 @@ class HqReceiver:
         # the PUBACKs of stored batches paho has not been handed yet, oldest first.
         self._pending_acks: dict[Stream, int] = {}
         self._pubacks: collections.deque[int] = collections.deque()
+        # The ack link: a second connection that carries only acks (see "Acks").
+        self._link: mqtt.Client | None = self._make_client(ack_link=True) if ACK_LINK else None
+        self._link_ready = False
+        self._link_next_try = 0.0
+        self._link_inflight = 0   # acks on the link the broker has not PUBACKed yet
         self._malformed_logged_at = -MALFORMED_LOG_INTERVAL_S
         self._connack_ok = False
         self._store_failing = False
@@ -243,20 +257,23 @@ class HqReceiver:
             log.warning("hq receiver: no fleet state: %s", exc)
             return None
 
-    def _make_client(self) -> mqtt.Client:
+    def _make_client(self, ack_link: bool = False) -> mqtt.Client:
+        """The events connection, or (``ack_link``) the one that only publishes acks:
+        same broker, credentials and TLS, its own client id, never a session."""
         m = self.cfg.mqtt
         v5 = m.protocol == "5"
         client = mqtt.Client(
             callback_api_version=CallbackAPIVersion.VERSION2,
-            client_id=self.client_id,
+            client_id=f"{self.client_id}{ACK_LINK_SUFFIX}" if ack_link else self.client_id,
             protocol=mqtt.MQTTv5 if v5 else mqtt.MQTTv311,
             # 3.1.1 has no session expiry: a persistent session is clean_session=False.
-            clean_session=None if v5 else not self._persistent,
+            clean_session=None if v5 else (ack_link or not self._persistent),
             manual_ack=True,
             reconnect_on_failure=False,
         )
         client.connect_timeout = m.connect_timeout_s
-        client.max_inflight_messages_set(m.max_inflight)
+        if not ack_link:
+            client.max_inflight_messages_set(m.max_inflight)
         if m.tls:
             try:
                 client.tls_set(ca_certs=m.ca_file or None, certfile=m.cert_file or None,
@@ -272,11 +289,76 @@ class HqReceiver:
                 raise ReceiverError(f"mqtt.password_file {m.password_file!r} cannot be read: "
                                     f"{exc}") from None
             client.username_pw_set(m.username, password or None)
+        if ack_link:
+            client.max_inflight_messages_set(ACK_LINK_WINDOW)
+            client.on_connect = self._on_link_connect
+            client.on_disconnect = self._on_link_disconnect
+            client.on_publish = self._on_link_puback
+            return client
         client.on_connect = self._on_connect
         client.on_disconnect = self._on_disconnect
         client.on_subscribe = self._on_subscribe
         client.on_message = self._on_message
         return client
+
+    # -- the ack link ----------------------------------------------------
+
+    def _on_link_connect(self, client: mqtt.Client, userdata: Any, flags: Any,
+                         reason_code: ReasonCode, properties: Properties | None) -> None:
+        if reason_code.is_failure:
+            log.debug("hq receiver: the broker refused the ack link: %s", reason_code)
+            return
+        self._link_ready = True
+        self._link_inflight = 0
+
+    def _on_link_puback(self, client: mqtt.Client, userdata: Any, mid: int,
+                        reason_code: ReasonCode, properties: Properties | None) -> None:
+        self._link_inflight = max(0, self._link_inflight - 1)
+
+    def _on_link_disconnect(self, client: mqtt.Client, userdata: Any, flags: Any,
+                            reason_code: ReasonCode, properties: Properties | None) -> None:
+        self._link_ready = False
+
+    def _link_up(self) -> None:
+        """Open the ack link to the events connection's host, at most every ACK_LINK_RETRY_S."""
+        link = self._link
+        if link is None or link.socket() is not None:
+            return
+        now = time.monotonic()
+        if now < self._link_next_try:
+            return
+        self._link_next_try = now + ACK_LINK_RETRY_S
+        m = self.cfg.mqtt
+        try:
+            if m.protocol == "5":
+                props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
+                props.SessionExpiryInterval = 0
+                link.connect(self._host, m.port, m.keepalive_s, clean_start=True,
+                             properties=props)
+            else:
+                link.connect(self._host, m.port, m.keepalive_s)
+        except (OSError, ValueError) as exc:
+            log.debug("hq receiver: no ack link to %s:%d (acks go on the events "
+                      "connection): %s", self._host, m.port, exc)
+
+    def _link_service(self, readable: bool) -> None:
+        """Read (CONNACK, PINGRESP), write and keep alive the ack link; on any failure
+        it is closed, and acks go on the events connection until it is back."""
+        link = self._link
+        if link is None or link.socket() is None:
+            return
+        ok = MQTTErrorCode.MQTT_ERR_SUCCESS
+        if (readable and link.loop_read() != ok) or \
+                (link.want_write() and link.loop_write() != ok) or link.loop_misc() != ok:
+            self._link_down()
+
+    def _link_down(self) -> None:
+        self._link_ready = False
+        link = self._link
+        if link is not None and link.socket() is not None:
+            # paho closes the socket once the DISCONNECT is written (or the write fails).
+            link.disconnect()
+            link.loop_write()
 
     # -- paho callbacks (all in the run() thread, inside loop_read) -------
 
@@ -566,13 +648,22 @@ class HqReceiver:
                 self._drop_reason = f"no CONNACK from {self._host} within " \
                                     f"{self.cfg.mqtt.connect_timeout_s}s"
                 break
+            if self._connack_ok and not self._link_ready:
+                self._link_up()
+            link = self._link
+            link_sock = link.socket() if link is not None else None
             # TLS may hold decrypted bytes that select() cannot see.
             if isinstance(sock, ssl.SSLSocket) and sock.pending():
-                readable = True
+                readable, link_readable = True, False
             else:
+                rlist = [sock] if link_sock is None else [sock, link_sock]
                 wlist = [sock] if client.want_write() else []
-                r, _, _ = select.select([sock], wlist, [], self._idle_wait())
-                readable = bool(r)
+                if link is not None and link_sock is not None and link.want_write():
+                    wlist.append(link_sock)
+                r, _, _ = select.select(rlist, wlist, [], self._idle_wait())
+                readable, link_readable = sock in r, link_sock is not None and link_sock in r
+            if link_sock is not None:
+                self._link_service(link_readable)
             if readable and not self._read_burst(sock):
                 break
             if self._mids or self._envelopes or self._rejects or self._fleet_batch:
@@ -596,7 +687,9 @@ class HqReceiver:
         self.subscribed.clear()
         if stop.is_set() and client.socket() is not None:
             self._flush_quietly()
-        elif self._envelopes or self._rejects:
+            return   # _shutdown sends the rest and closes the ack link
+        self._link_down()   # it follows the events connection (a failover moves both)
+        if self._envelopes or self._rejects:
             # The connection is gone, so no PUBACKs; storing what arrived still
             # spares the redelivery a round trip (it will count as duplicates).
             self._mids.clear()
@@ -738,28 +831,38 @@ class HqReceiver:
         the order their messages came in (MQTT 4.6).
         """
         client = self._client
-        if client.socket() is None or (client.want_write() and not force):
+        if client.socket() is None:
             return
         if self._pending_acks:
-            self._publish_pending_acks()
+            link = self._link
+            if self._link_ready and link is not None and link.socket() is not None:
+                self._publish_pending_acks(link, ACK_LINK_QOS,
+                                           ACK_LINK_WINDOW - self._link_inflight)
+            if force or (self._pending_acks and not self._link_ready
+                         and not client.want_write()):
+                self._publish_pending_acks(client, ACK_QOS, len(self._pending_acks))
         pubacks = self._pubacks
         while pubacks and (force or not client.want_write()):
             for _ in range(min(len(pubacks), PUBACK_CHUNK)):
                 client.ack(pubacks.popleft(), 1)
 
-    def _publish_pending_acks(self) -> None:
-        client = self._client
-        pending, self._pending_acks = self._pending_acks, {}
-        for (site, kind, epoch), upto in pending.items():
+    def _publish_pending_acks(self, client: mqtt.Client, qos: int, room: int) -> None:
+        """Publish up to ``room`` pending acks on ``client``, the longest waiting first."""
+        pending = self._pending_acks
+        for _ in range(min(room, len(pending))):
+            (site, kind, epoch), upto = stream_upto = next(iter(pending.items()))
+            del pending[stream_upto[0]]
             ack: dict[str, Any] = {"kind": kind, "upto": upto}
             if epoch:
                 ack["epoch"] = epoch
             if self._master is not None:
                 ack = proof.sign(self._site_key(site), site, "acks", ack)
             info = client.publish(f"{self._prefix}/{site}/acks",
-                                  json.dumps(ack, separators=(",", ":")), qos=ACK_QOS)
+                                  json.dumps(ack, separators=(",", ":")), qos=qos)
             if info.rc == MQTTErrorCode.MQTT_ERR_SUCCESS:
                 self.counters["acks_sent"] += 1
+                if client is self._link and qos:
+                    self._link_inflight += 1
 
     def _republish(self) -> None:
         """Re-send the ack of streams heard from recently.
@@ -804,6 +907,15 @@ class HqReceiver:
 
         self._send_acks(force=True)
         drain()
+        link = self._link
+        while link is not None and link.want_write() and time.monotonic() < deadline:
+            link_sock = link.socket()
+            if link_sock is None:
+                break
+            select.select([], [link_sock], [], 0.05)
+            if link.loop_write() != MQTTErrorCode.MQTT_ERR_SUCCESS:
+                break
+        self._link_down()
         if client.socket() is not None:
             props = None
             if not self._persistent and self.cfg.mqtt.protocol == "5":
