@@ -435,6 +435,53 @@ def test_acks_keep_pace_with_the_store_under_a_backlog(broker: Broker, tmp_path:
     assert max(lags.values()) < 5.0, lags
 
 
+def test_acks_fall_back_to_the_events_connection_while_the_ack_link_is_down(
+        broker: Broker, site: Site, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Another client taking the ack link's id knocks the link off: acks keep coming on the
+    events connection (QoS 0) until the link is back, and then on the link again."""
+    monkeypatch.setattr(receiver_mod, "ACK_LINK_RETRY_S", 0.2)
+    rx = HqReceiver(hq_config(broker.port, tmp_path / "hq.db"))
+    with running(rx):
+        wait_for(lambda: rx._link_ready, what="the ack link up")
+        site.events([1])
+        wait_for(lambda: site.upto() == 1, what="ack upto 1 on the link")
+        # Keep the link's client id taken: each reconnect of the link knocks the intruder
+        # off, and the intruder's own reconnect knocks the link off again.
+        intruder = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=rx.client_id + "-acks",
+                               protocol=mqtt.MQTTv5)
+        intruder.connect("127.0.0.1", broker.port, 5)
+        intruder.loop_start()
+        try:
+            wait_for(lambda: not rx._link_ready, what="the ack link knocked off")
+            site.events([2, 3])
+            wait_for(lambda: site.upto() == 3, what="ack upto 3 without the link")
+        finally:
+            intruder.disconnect()
+            intruder.loop_stop()
+        wait_for(lambda: rx._link_ready, what="the ack link back")
+        site.events([4])
+        wait_for(lambda: site.upto() == 4, what="ack upto 4")
+
+
+def test_without_the_ack_link_acks_go_at_qos_0_on_the_events_connection(
+        broker: Broker, site: Site, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """ACK_LINK off: the events connection carries the acks, at QoS 0, to the end."""
+    monkeypatch.setattr(receiver_mod, "ACK_LINK", False)
+    qos: list[int] = []
+    on_message = site.client.on_message
+
+    def spy(client: mqtt.Client, userdata: Any, msg: mqtt.MQTTMessage) -> None:
+        qos.append(msg.qos)
+        on_message(client, userdata, msg)
+
+    site.client.on_message = spy
+    rx = HqReceiver(hq_config(broker.port, tmp_path / "hq.db"))
+    with running(rx):
+        site.events(range(1, 51))
+        wait_for(lambda: site.upto() == 50, what="ack upto 50")
+    assert rx._link is None and set(qos) == {0}
+
+
 def test_fails_over_to_the_next_host(broker: Broker, site: Site, tmp_path: Path) -> None:
     """A host that refuses connections is skipped for the next one in mqtt.hosts."""
     cfg = hq_config(broker.port, tmp_path / "hq.db", hosts=("127.0.0.2", "127.0.0.1"))
