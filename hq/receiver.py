@@ -10,8 +10,9 @@ that thread, in that order:
 3. only then the broker gets its PUBACKs (``manual_ack=True``), so a receiver
    killed before step 2 leaves the messages unacknowledged in its persistent
    session and the broker redelivers them when it comes back;
-4. each changed watermark is acked to the agent on ``P/acks``: put before the
-   batch's PUBACKs, at QoS 0, the latest per stream (see "Acks" below).
+4. each changed watermark is acked to the agent on ``P/acks``: before the
+   batch's PUBACKs, the latest per stream, on a connection of its own (see
+   "Acks" below).
 
 Any number of receivers share the load through the shared subscription
 ``$share/{group}/{prefix}/+/events/#``. Each has its own client id: the one
@@ -27,20 +28,23 @@ Two receivers given one client id knock each other off; the broker says so
 
 Acks. An ack is an idempotent, cumulative watermark with its own proof, and
 the ~1 s republish of every recently active stream's watermark heals a lost
-one, so acks go out at QoS 0: they take no PUBACK and no place in paho's
-in-flight window (``mqtt.max_inflight``). At QoS 1, in a reconnect storm, the
-broker's PUBACKs for them queued behind the flood of events it was sending this
-same connection; once ``max_inflight`` acks waited, every newer ack queued in
-paho behind them, and HQ's acks lagged its store by hundreds of thousands of
-events (bench/README.md, the storm). Acks are coalesced: each stream keeps at
-most one pending watermark (the highest), handed to paho only while paho has
-no unsent bytes, so at most one ack per stream is ever queued and a newer
-watermark replaces an older one that has not left yet. A stored batch's acks
-are handed over before its PUBACKs, and PUBACKs wait in the receiver (in
-order) while paho has unsent bytes, so an ack never queues behind a growing
-backlog of PUBACKs in paho. (The kernel's socket buffers are still FIFO: an ack
-can wait there behind the PUBACKs already written, which mosquitto 2.0 reads
-one packet per socket per pass.)
+one. In a reconnect storm acks on the events connection lagged the store by
+hundreds of thousands of events (bench/README.md, the storm), for two reasons:
+at QoS 1 each ack held a place in paho's ``mqtt.max_inflight`` until its PUBACK,
+which the broker sends behind the flood of events on that connection, so newer
+acks queued behind older ones; and mosquitto 2.0 reads one packet per socket
+per pass, so an ack written after thousands of PUBACKs waits for all of them.
+So acks go on the *ack link*: a second connection (client id + ``-acks``, the
+same credentials and host, no session, no subscriptions) that carries nothing
+else, at QoS 1 with at most ACK_LINK_WINDOW awaiting their PUBACK, which on
+that link comes as soon as the broker has read the ack. While the link is down
+(being opened, or refused) acks go on the events connection at QoS 0. Acks are
+coalesced: each stream keeps at most one pending watermark (the highest), so
+while the link's window or the events socket is full a newer watermark replaces
+an older one that has not left yet instead of queueing behind it. A stored
+batch's acks are handed over before its PUBACKs, and PUBACKs wait in the
+receiver (in order) while paho has unsent bytes, so even on the events
+connection an ack never queues behind a growing backlog of PUBACKs in paho.
 
 The fleet (hq/fleet.py): every receiver also subscribes ``P/status``
 (plainly: a shared subscription gets no retained messages) and, through the
@@ -823,12 +827,14 @@ class HqReceiver:
         while the socket takes them all, but only while paho holds no bytes the socket
         has not taken (``force``: stopping, everything at once).
 
-        So an ack queues behind at most one chunk of PUBACKs in paho, never behind a
-        growing backlog of them, and while the socket is full a newer watermark of a
-        stream replaces the older one instead of queueing behind it. Each ack is
+        So an ack on the events connection queues behind at most one chunk of PUBACKs
+        in paho, never behind a growing backlog of them, and while the socket (or the
+        link's window) is full a newer watermark of a stream replaces the older one
+        instead of queueing behind it. Each ack is
         ``{"kind", "upto", "epoch"}`` (the epoch only when the agent sent one) on the
-        site's ``P/acks`` at QoS 0, with proof when HQ has a master key. PUBACKs keep
-        the order their messages came in (MQTT 4.6).
+        site's ``P/acks``, with proof when HQ has a master key: on the ack link (QoS 1,
+        at most ACK_LINK_WINDOW awaiting PUBACK) when it is up, else on the events
+        connection at QoS 0. PUBACKs keep the order their messages came in (MQTT 4.6).
         """
         client = self._client
         if client.socket() is None:
