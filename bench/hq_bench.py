@@ -571,7 +571,8 @@ def main() -> None:
     parser.add_argument("--window", type=int, default=HQ_WINDOW,
                         help="events a site has out without HQ's ack (mqtt.max_inflight)")
     parser.add_argument("--hq-max-inflight", type=int, default=None,
-                        help="the receivers' mqtt.max_inflight (their QoS 1 acks in flight)")
+                        help="the receivers' mqtt.max_inflight (before branch h12ack it bounded "
+                             "their QoS 1 acks in flight; now acks go on their own link)")
     parser.add_argument("--storm-deadline", type=float, default=3600,
                         help="give the storm up after this many seconds")
     parser.add_argument("--quick", action="store_true", help="small sizes, a smoke test")
