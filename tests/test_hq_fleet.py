@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import io
+import itertools
 import json
 import logging
 import threading
@@ -265,9 +266,15 @@ def test_a_takeover_disconnect_reason_is_logged_once(
     rx.store.close()
 
 
+_PUBLISHERS = itertools.count()
+
+
 def _publish(port: int, topic: str, payload: bytes, *, retain: bool = False, qos: int = 1) -> None:
-    client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id="fleet-pub",
-                         protocol=mqtt.MQTTv5)
+    # An id of its own each time: with one id, the next call's CONNECT can take the
+    # session over while the broker has not read this one's QoS 0 PUBLISH yet, and
+    # mosquitto drops it with the old connection (a flake on a loaded box).
+    client = mqtt.Client(CallbackAPIVersion.VERSION2,
+                         client_id=f"fleet-pub-{next(_PUBLISHERS)}", protocol=mqtt.MQTTv5)
     client.connect("127.0.0.1", port, 5)
     client.loop_start()
     try:
