@@ -390,6 +390,43 @@ def test_hq_acks_under_a_stream_reach_the_outbox_at_most_every_ack_flush_s(
 
 
 @pytest.mark.parametrize("protocol", ["5", "3.1.1"])
+def test_a_backlog_goes_out_in_few_socket_writes_and_its_pubacks_in_few_reads(
+        broker: Broker, outbox: Any, make_hq: Any, make_uplink: Any,
+        monkeypatch: pytest.MonkeyPatch, protocol: str) -> None:
+    """500 events published in one pump pass leave in a handful of send() calls (paho made
+    one per PUBLISH), and the broker's 500 PUBACKs are read in at most a recv() each (paho
+    made three: command, length, body); every PUBACK is still counted, every event at HQ."""
+    calls = {"send": 0, "recv": 0}
+    real_send, real_recv = mqtt.Client._sock_send, mqtt.Client._sock_recv
+
+    def send(self: Any, buf: Any) -> int:
+        sent = real_send(self, buf)
+        if threading.current_thread().name == "uplink":
+            calls["send"] += 1
+        return sent
+
+    def recv(self: Any, size: int) -> bytes:
+        data = real_recv(self, size)   # BlockingIOError (nothing waiting) is not counted
+        if threading.current_thread().name == "uplink":
+            calls["recv"] += 1
+        return data
+
+    monkeypatch.setattr(mqtt.Client, "_sock_send", send)
+    monkeypatch.setattr(mqtt.Client, "_sock_recv", recv)
+    hq = make_hq(broker.port)
+    submit(outbox, "sale", 500)
+    up = make_uplink(config(broker.port, protocol=protocol), outbox)
+    wait_for(lambda: up.snapshot()["pubacks"] >= 500, 20, what="500 PUBACKs counted")
+    wait_for(lambda: len(hq.seqs("sale")) == 500, what="all 500 sales at HQ")
+    assert hq.seqs("sale") == list(range(1, 501))
+    assert up.snapshot()["pubacks"] == 500 and up.snapshot()["unacked"]["sale"] == 500
+    # CONNECT, SUBSCRIBE, the online status and ~125 kB of events: a few 64 kB writes.
+    assert calls["send"] <= 20, calls
+    # CONNACK, SUBACK, the status's PUBACK and the events' 500.
+    assert calls["recv"] <= 503, calls
+
+
+@pytest.mark.parametrize("protocol", ["5", "3.1.1"])
 def test_nothing_leaves_the_outbox_until_hq_acks(broker: Broker, outbox: Any, make_hq: Any,
                                                  make_uplink: Any, protocol: str) -> None:
     """In hq-ack mode only HQ's cumulative ack deletes, and only up to the acked seq."""

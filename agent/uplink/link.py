@@ -77,6 +77,7 @@ from agent.uplink.protocol import (
     with_epoch,
     with_floor,
 )
+from agent.uplink.wire import BatchingClient
 
 if TYPE_CHECKING:
     from agent.outbox import Outbox
@@ -154,7 +155,7 @@ class Uplink:
         self._retained_logged = False
 
         # owned by the uplink thread
-        self._client: mqtt.Client | None = None
+        self._client: BatchingClient | None = None
         self._connected = False
         self._connected_at = 0.0
         self._connack_deadline = 0.0
@@ -334,14 +335,16 @@ class Uplink:
         self._connack_deadline = time.monotonic() + self.mq.connect_timeout_s
         self._next_misc = time.monotonic() + MISC_INTERVAL_S
 
-    def _new_client(self) -> mqtt.Client:
+    def _new_client(self) -> BatchingClient:
         # A fresh client per connection: no paho session state (queued or
         # in-flight messages, mids) survives a reconnect; the outbox is the
         # only queue, and the ledger resends from it.
         v5 = self.mq.protocol == "5"
-        client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=self.cfg.client_id,
-                             protocol=mqtt.MQTTv5 if v5 else mqtt.MQTTv311,
-                             clean_session=None if v5 else True)
+        # Its writes wait for this thread's loop_write and are joined; reads are
+        # buffered (agent/uplink/wire.py).
+        client = BatchingClient(CallbackAPIVersion.VERSION2, client_id=self.cfg.client_id,
+                                protocol=mqtt.MQTTv5 if v5 else mqtt.MQTTv311,
+                                clean_session=None if v5 else True)
         client.connect_timeout = self.mq.connect_timeout_s
         # The ledger bounds what is in flight. paho's own limit would be redundant and
         # costly: with one set, every PUBACK scans all of paho's pending messages
@@ -676,14 +679,19 @@ class Uplink:
             timeout = min(timeout, self._last_pump + PUMP_INTERVAL_S - now)
         if self._ack_due:
             timeout = min(timeout, self._last_ack_flush + ACK_FLUSH_S - now)
-        pending = getattr(sock, "pending", None)
-        if self._more or (pending is not None and pending() > 0):
-            timeout = 0.0   # more to send, or TLS already holds decrypted bytes select can't see
+        tls_pending = getattr(sock, "pending", None)
+
+        def pending() -> bool:
+            # Bytes already read that select can't see: TLS's decrypted ones, our buffer's.
+            return client.buffered() > 0 or (tls_pending is not None and tls_pending() > 0)
+
+        if self._more or pending():
+            timeout = 0.0   # more to send, or bytes already read waiting for paho
         wlist = [sock] if client.want_write() else []
         readable, _, _ = select.select([sock, self._wake_r], wlist, [], max(0.0, timeout))
         if self._wake_r in readable:
             self._drain_wake()
-        if (sock in readable or (pending is not None and pending() > 0)) and (
+        if (sock in readable or pending()) and (
                 client.loop_read() != MQTTErrorCode.MQTT_ERR_SUCCESS or client.socket() is None):
             self._lost_or_refused()
             return
@@ -716,6 +724,10 @@ class Uplink:
             self._pump(client, now)
         else:
             self._pump_waiting = True
+        # What this turn published (status, results, events) leaves in one write.
+        if client.want_write() and client.loop_write() != MQTTErrorCode.MQTT_ERR_SUCCESS:
+            self._lost_or_refused()
+            return
         if client.socket() is None:
             self._lost_or_refused()
 
@@ -913,10 +925,11 @@ class Uplink:
                 sock = client.socket()
                 assert sock is not None
                 wlist = [sock] if client.want_write() else []
-                readable, writable, _ = select.select([sock], wlist, [], 0.05)
+                readable, writable, _ = select.select(
+                    [sock], wlist, [], 0.0 if client.buffered() else 0.05)
                 if writable:
                     client.loop_write()
-                if readable:
+                if readable or client.buffered():
                     client.loop_read()
             if not self._goodbye_acked:
                 log.warning("uplink: no PUBACK for the offline status within %gs",
