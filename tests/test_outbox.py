@@ -731,6 +731,56 @@ def test_appends_of_one_group_commit_wake_their_loop_once(open_outbox: OpenOutbo
     assert cancelled and ob.stats()["sale"].last_seq == 8
 
 
+def test_appends_of_one_loop_pass_reach_the_writer_in_one_put(tmp_path: Path) -> None:
+    """Fifty append()s made in one pass of the event loop reach the writer thread as one
+    queue put (not a put, and a writer wake, each) and commit together, in call order;
+    an append after close is refused at once."""
+    import asyncio
+    import queue
+
+    puts: list[object] = []
+
+    class Counted(queue.SimpleQueue):  # type: ignore[type-arg]
+        def put(self, item: object, block: bool = True, timeout: float | None = None) -> None:
+            puts.append(item)
+            super().put(item, block, timeout)
+
+    ob = Outbox(str(tmp_path / "outbox"), SITE, max_bytes=1 << 30, ballast_bytes=64 * 1024)
+    ob._queue = Counted()
+    ob.open()
+    try:
+        async def main() -> list[Accepted]:
+            return await asyncio.gather(*(ob.append("sale", sale(i), "pos-1")
+                                          for i in range(50)))
+
+        accepted = asyncio.run(main())
+        assert [a.seq for a in accepted] == list(range(1, 51))
+        assert len(puts) == 1, len(puts)
+        assert ob.counters["commits"] == 1
+    finally:
+        ob.close()
+    with pytest.raises(OutboxError, match="not open"):
+        asyncio.run(ob.append("sale", sale(51), "pos-1"))
+
+
+def test_a_loop_pass_larger_than_max_batch_commits_in_rounds_in_order(
+        open_outbox: OpenOutbox) -> None:
+    """25 append()s of one loop pass with max_batch 10: three group commits of at most
+    10, every event in call order; none left waiting."""
+    import asyncio
+
+    ob = open_outbox(max_batch=10)
+
+    async def main() -> list[Accepted]:
+        return await asyncio.gather(*(ob.append("sale", sale(i), "pos-1") for i in range(25)))
+
+    accepted = asyncio.run(main())
+    assert [a.seq for a in accepted] == list(range(1, 26))
+    assert ob.counters["commits"] == 3
+    assert [decode(b)["data"]["receipt_number"] for _s, b in ob.read("sale", 0, 100)] \
+        == [f"R-{i}" for i in range(25)]
+
+
 def test_thinning_counts_invalid_readings_instead_of_averaging_them() -> None:
     """A reading marked valid=false is counted per reason in the aggregate, not averaged in."""
     from agent.outbox.thinning import MinuteRun

@@ -150,6 +150,9 @@ class Outbox:
         self._thread: threading.Thread | None = None
         self._listeners: list[Callable[[], None]] = []
         self._waiters = _LoopWaiters()
+        # Per event loop, what append() took in the loop's current pass (only that
+        # loop's thread touches its list); _hand_over puts it on the queue as one.
+        self._loop_pending: dict[asyncio.AbstractEventLoop, list[Submit]] = {}
         self._corrupt: list[OutboxCorrupt] = []
         # This opening's epoch (agent/outbox/epoch.py); the uplink puts it on the wire.
         self.epoch = ""
@@ -227,14 +230,20 @@ class Outbox:
                 log.error("outbox %s: the writer did not finish within %.1f s; exiting "
                           "without waiting for it", self.path, timeout or 0.0)
                 return
-        while True:  # anything that raced in behind the stop
-            try:
-                request = self._queue.get_nowait()
-            except queue.Empty:
-                break
-            if isinstance(request, Submit | Ack):
-                with contextlib.suppress(concurrent.futures.InvalidStateError):
-                    request.future.set_exception(OutboxError(f"outbox {self.path} is closed"))
+        # Anything that raced in behind the stop, or that the writer's last round left.
+        leftover: list[object] = list(self._writer._carry) if self._writer else []
+        while True:
+            if leftover:
+                request = leftover.pop(0)
+            else:
+                try:
+                    request = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+            for each in request if isinstance(request, list) else [request]:
+                if isinstance(each, Submit | Ack):
+                    with contextlib.suppress(concurrent.futures.InvalidStateError):
+                        each.future.set_exception(OutboxError(f"outbox {self.path} is closed"))
         if self._writer is not None:
             self._writer.cache.close()  # this thread's connection, if it read
             # The last connection closed deletes the WAL: make that unlink durable.
@@ -251,25 +260,59 @@ class Outbox:
     def submit(self, kind: str, data_json: str, source: str, idem_key: str | None = None,
                idem_digest: str | None = None) -> concurrent.futures.Future[Accepted]:
         """Queue an event; the future resolves once its transaction committed."""
+        future, request = self._request(kind, data_json, source, idem_key, idem_digest)
+        if request is not None:
+            with self._lock:
+                if self._closed or self._thread is None:
+                    raise OutboxError(f"outbox {self.path} is not open")
+                self._queue.put(request)
+        return future
+
+    def _request(self, kind: str, data_json: str, source: str, idem_key: str | None,
+                 idem_digest: str | None
+                 ) -> tuple[concurrent.futures.Future[Accepted], Submit | None]:
+        """The future and the writer's request (None: refused at once, on the future)."""
         if kind not in KINDS:
             raise ValueError(f"unknown event kind {kind!r} (one of {', '.join(KINDS)})")
         future: concurrent.futures.Future[Accepted] = concurrent.futures.Future()
         if len(data_json) > MAX_EVENT_BYTES:
             future.set_exception(EventTooLarge(kind, len(data_json), MAX_EVENT_BYTES))
-            return future
-        request = Submit(kind, data_json, source, idem_key, future, idem_digest)
-        with self._lock:
-            if self._closed or self._thread is None:
-                raise OutboxError(f"outbox {self.path} is not open")
-            self._queue.put(request)
-        return future
+            return future, None
+        return future, Submit(kind, data_json, source, idem_key, future, idem_digest)
 
     async def append(self, kind: str, data_json: str, source: str,
                      idem_key: str | None = None, idem_digest: str | None = None) -> Accepted:
-        # Not asyncio.wrap_future: one loop wake per group commit (_LoopWaiters).
-        result: Accepted = await self._waiters.watch(
-            self.submit(kind, data_json, source, idem_key, idem_digest))
+        """:meth:`submit` from the event loop, awaiting the commit.
+
+        What the loop appends in one pass of its callbacks reaches the writer as one
+        list, one ``put`` (:meth:`_hand_over` at the end of the pass): a put per event
+        woke the writer thread for the first and let it start a commit of one while the
+        rest of the pass's events were still coming. The answers come back in one loop
+        wake per group commit (_LoopWaiters), not asyncio.wrap_future's one per event.
+        """
+        future, request = self._request(kind, data_json, source, idem_key, idem_digest)
+        if request is not None:
+            if self._closed or self._thread is None:
+                raise OutboxError(f"outbox {self.path} is not open")
+            loop = asyncio.get_running_loop()
+            pending = self._loop_pending.get(loop)
+            if pending is None:
+                pending = self._loop_pending[loop] = []
+                loop.call_soon(self._hand_over, loop)
+            pending.append(request)
+        result: Accepted = await self._waiters.watch(future)
         return result
+
+    def _hand_over(self, loop: asyncio.AbstractEventLoop) -> None:
+        """On ``loop``, after the callbacks that appended: their requests to the writer."""
+        requests = self._loop_pending.pop(loop, [])
+        with self._lock:
+            if not self._closed:
+                self._queue.put(requests)
+                return
+        for request in requests:   # closed between the append and this pass's end
+            with contextlib.suppress(concurrent.futures.InvalidStateError):
+                request.future.set_exception(OutboxError(f"outbox {self.path} is closed"))
 
     # -- the uplink ----------------------------------------------------------
 

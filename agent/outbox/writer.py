@@ -133,6 +133,13 @@ class _Batch:
         return state
 
 
+def _put_in(carry: list[object], item: object) -> None:
+    if type(item) is list:
+        carry.extend(item)
+    else:
+        carry.append(item)
+
+
 class Writer:
     """State and work of the writer thread (see the module docstring).
 
@@ -179,6 +186,7 @@ class Writer:
         # kind -> upto of acks whose delete failed: retried by the writer itself, since
         # HQ only acks again when something new reaches it.
         self._acks_to_retry: dict[str, int] = {}
+        self._carry: list[object] = []  # requests taken from the queue, not yet batched
         self._publish_stats()
 
     def ballast_released_at_open(self) -> None:
@@ -218,16 +226,7 @@ class Writer:
             wait = IDLE_WAKE_S
             if held:
                 wait = max(0.0, last_acks + ACK_HOLD_S - time.monotonic())
-            try:
-                first = self._queue.get(timeout=wait) if wait > 0 else self._queue.get_nowait()
-            except queue.Empty:
-                first = None
-            batch = [] if first is None else [first]
-            while len(batch) < self.max_batch:
-                try:
-                    batch.append(self._queue.get_nowait())
-                except queue.Empty:
-                    break
+            batch = self._take(wait)
             stopping = any(r is STOP for r in batch)
             acks = [*held, *(r for r in batch if type(r) is Ack)]
             submits = [r for r in batch if type(r) is Submit]
@@ -266,6 +265,30 @@ class Writer:
             self._round_done()
         self._finish()
         self._round_done()
+
+    def _take(self, wait: float) -> list[object]:
+        """Up to max_batch requests: those left over from the last round first, then the
+        queue's, waiting up to ``wait`` for the first. An item may be a list (the event
+        loop's appends of one pass, Outbox.append): it is taken apart here, and what does
+        not fit waits for the next round, in order."""
+        carry = self._carry
+        if not carry:
+            try:
+                item = self._queue.get(timeout=wait) if wait > 0 else self._queue.get_nowait()
+            except queue.Empty:
+                return []
+            _put_in(carry, item)
+        while len(carry) < self.max_batch:
+            try:
+                item = self._queue.get_nowait()
+            except queue.Empty:
+                break
+            _put_in(carry, item)
+        if len(carry) <= self.max_batch:
+            self._carry = []
+            return carry
+        batch, self._carry = carry[:self.max_batch], carry[self.max_batch:]
+        return batch
 
     def _round_done(self) -> None:
         try:

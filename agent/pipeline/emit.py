@@ -9,7 +9,6 @@ these through its :class:`~agent.devices.family.ServiceContext`.
 
 from __future__ import annotations
 
-import asyncio
 import concurrent.futures
 import json
 from typing import TYPE_CHECKING, Any
@@ -34,4 +33,5 @@ def submit(outbox: Outbox, kind: str, data: dict[str, Any],
 
 async def emit(outbox: Outbox, kind: str, data: dict[str, Any], source: str) -> Accepted:
     """Commit one event from the loop (group commit); raises the outbox's errors."""
-    return await asyncio.wrap_future(submit(outbox, kind, data, source))
+    # Outbox.append: the loop's events of one pass reach the writer together, in order.
+    return await outbox.append(kind, encode(data), source)
