@@ -282,7 +282,15 @@ class Outbox:
 
     async def append(self, kind: str, data_json: str, source: str,
                      idem_key: str | None = None, idem_digest: str | None = None) -> Accepted:
-        """:meth:`submit` from the event loop, awaiting the commit.
+        """:meth:`submit` from the event loop, awaiting the commit (see :meth:`enqueue`)."""
+        return await self.enqueue(kind, data_json, source, idem_key, idem_digest)
+
+    def enqueue(self, kind: str, data_json: str, source: str, idem_key: str | None = None,
+                idem_digest: str | None = None) -> asyncio.Future[Accepted]:
+        """:meth:`submit` from the event loop: a future of the loop, done on the commit.
+
+        Queued when called, so ``asyncio.shield`` of it needs no task of its own (the
+        API's event post: a task per request was a loop pass more before the hand-over).
 
         What the loop appends in one pass of its callbacks reaches the writer as one
         list, one ``put`` (:meth:`_hand_over` at the end of the pass): a put per event
@@ -300,8 +308,8 @@ class Outbox:
                 pending = self._loop_pending[loop] = []
                 loop.call_soon(self._hand_over, loop)
             pending.append(request)
-        result: Accepted = await self._waiters.watch(future)
-        return result
+        waiter: asyncio.Future[Accepted] = self._waiters.watch(future)
+        return waiter
 
     def _hand_over(self, loop: asyncio.AbstractEventLoop) -> None:
         """On ``loop``, after the callbacks that appended: their requests to the writer."""

@@ -304,7 +304,7 @@ def create_app(ctx: ApiContext, routers: Iterable[APIRouter] = ()) -> FastAPI:
             # Shielded: once handed to the outbox the event commits even if the
             # client goes away; a retry with its Idempotency-Key gets the answer.
             accepted = await asyncio.shield(
-                ctx.outbox.append(kind, data_json, source, scoped_key,
+                ctx.outbox.enqueue(kind, data_json, source, scoped_key,
                                   None if idem_key is None else body_digest(body)))
         except IdempotencyKeyReused as exc:
             raise ApiProblem(422, str(exc), exc.field, reason="idempotency_key_reused") from None
