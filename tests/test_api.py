@@ -551,6 +551,12 @@ class _FailingOutbox:
     async def append(self, *args: Any, **kwargs: Any) -> Any:
         raise self._exc
 
+    def enqueue(self, *args: Any, **kwargs: Any) -> Any:
+        """The route's way in: the error comes when the future is awaited."""
+        failed = asyncio.get_running_loop().create_future()
+        failed.set_exception(self._exc)
+        return failed
+
 
 @pytest.mark.parametrize(("exc", "status", "reason"), [
     (DiskFull("/var/lib/edge-agent/outbox"), 507, "disk_full"),
