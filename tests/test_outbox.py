@@ -763,6 +763,32 @@ def test_appends_of_one_loop_pass_reach_the_writer_in_one_put(tmp_path: Path) ->
         asyncio.run(ob.append("sale", sale(51), "pos-1"))
 
 
+def test_a_commit_wakes_the_answers_loop_before_its_listeners(tmp_path: Path) -> None:
+    """After a group commit the writer signals the loop awaiting the answers before it
+    calls the commit listeners (the uplink's wake), so the 202s do not wait behind a
+    pump pass for the GIL."""
+    import asyncio
+
+    order: list[str] = []
+    ob = Outbox(str(tmp_path / "outbox"), SITE, max_bytes=1 << 30, ballast_bytes=64 * 1024)
+    real = ob._waiters.round_done
+
+    def round_done() -> None:
+        if ob._waiters._due:
+            order.append("answers")
+        real()
+
+    ob._waiters.round_done = round_done  # type: ignore[method-assign]
+    ob.add_listener(lambda: order.append("listener"))
+    ob.open()
+    try:
+        accepted = asyncio.run(ob.append("sale", sale(1), "pos-1"))
+        assert accepted.seq == 1
+        assert order[:2] == ["answers", "listener"], order
+    finally:
+        ob.close()
+
+
 def test_a_loop_pass_larger_than_max_batch_commits_in_rounds_in_order(
         open_outbox: OpenOutbox) -> None:
     """25 append()s of one loop pass with max_batch 10: three group commits of at most

@@ -405,6 +405,8 @@ class Writer:
         for future, accepted in batch.on_commit:
             future.set_result(accepted)
         self._count_batch(batch, committed=True)
+        # The answers' loop wake before the listeners' (the uplink's): the 202s go first.
+        self._round_done()
         if batch.rows:
             for listener in self._listeners:
                 try:
