@@ -31,9 +31,9 @@ def test_a_step_that_computes_on_the_loop_is_caught() -> None:
 
 
 def test_a_step_that_blocks_the_loop_is_caught() -> None:
-    """A blocking call (a 600 ms sleep) in a loop step is recorded on the wall clock."""
+    """A blocking call (a 1.2 s sleep) in a loop step is recorded on the wall clock."""
     async def main() -> None:
-        time.sleep(0.6)
+        time.sleep(1.2)
 
     asyncio.run(main())
     found, conftest._slow_steps[:] = list(conftest._slow_steps), []
