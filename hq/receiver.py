@@ -78,6 +78,7 @@ from agent import proof
 from agent.envelope import decode
 from agent.errors import AgentError
 from agent.kinds import KINDS
+from agent.uplink.protocol import reconnect_delay
 from hq.backends import open_store
 from hq.config import HqReceiverConfig
 from hq.fleet import (
@@ -163,12 +164,6 @@ def auto_client_id() -> str:
     """A client id no other receiver has: ``edge-hq-<hostname>-<8 hex>`` (<= 64 chars)."""
     host = "".join(c if c.isalnum() or c == "-" else "-" for c in socket.gethostname())
     return f"edge-hq-{host[:40] or 'host'}-{secrets.token_hex(4)}"
-
-
-def _backoff(attempt: int, low: float, high: float, rand: Callable[[], float]) -> float:
-    """Capped exponential backoff with jitter: a fleet of receivers must not reconnect in step."""
-    delay: float = min(high, low * (2 ** min(attempt, 30)))
-    return delay * (0.5 + rand() / 2)
 
 
 class HqReceiver:
@@ -575,7 +570,7 @@ class HqReceiver:
                 log.warning("hq receiver: %s; retrying (%d host(s))", reason, len(m.hosts))
             else:
                 log.debug("hq receiver: %s", reason)
-            stop.wait(_backoff(attempt, m.backoff_min_s, m.backoff_max_s, self._rand))
+            stop.wait(reconnect_delay(attempt, m.backoff_min_s, m.backoff_max_s, self._rand))
             attempt += 1
 
     def _dropped_again(self, stop: threading.Event) -> bool:

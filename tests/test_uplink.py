@@ -760,3 +760,13 @@ def test_unreachable_broker_is_reported_once_and_stop_is_prompt(
     up.stop()
     assert time.monotonic() - started < 1.0
     assert up.snapshot()["state"] == "disconnected"
+
+
+def test_one_reconnect_backoff_for_the_uplink_and_hq() -> None:
+    """reconnect_delay (the uplink's and HQ's receivers' one formula) doubles from low to
+    high, in the upper half of each step at random."""
+    from agent.uplink.protocol import reconnect_delay
+
+    assert [reconnect_delay(n, 1.0, 30.0, lambda: 1.0) for n in range(7)] == [1, 2, 4, 8, 16,
+                                                                               30, 30]
+    assert reconnect_delay(3, 1.0, 30.0, lambda: 0.0) == 4.0

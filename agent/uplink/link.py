@@ -41,7 +41,6 @@ import functools
 import json
 import logging
 import os
-import random
 import select
 import socket
 import ssl
@@ -72,6 +71,7 @@ from agent.uplink.protocol import (
     describe_connect_error,
     describe_refusal,
     parse_ack,
+    reconnect_delay,
     split_host,
     status_payload,
     with_epoch,
@@ -386,9 +386,8 @@ class Uplink:
             self._next_attempt = time.monotonic() + self._backoff()
 
     def _backoff(self) -> float:
-        ceiling = min(self.mq.backoff_max_s,
-                      self.mq.backoff_min_s * 2 ** min(self._failed_rounds - 1, 30))
-        return random.uniform(ceiling / 2, ceiling)  # noqa: S311 - jitter, not crypto
+        return reconnect_delay(self._failed_rounds - 1, self.mq.backoff_min_s,
+                               self.mq.backoff_max_s)
 
     def _note_down(self, message: str, cause: str, *, new_outage: bool = False) -> None:
         with self._lock:

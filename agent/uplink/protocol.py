@@ -8,14 +8,25 @@ mapped here, once).
 from __future__ import annotations
 
 import json
+import random
 import socket
 import ssl
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from paho.mqtt.reasoncodes import ReasonCode
 
 from agent.envelope import iso_ms
 from agent.kinds import KINDS
+
+
+def reconnect_delay(attempt: int, low: float, high: float,
+                    rand: Callable[[], float] = random.random) -> float:
+    """Capped exponential backoff with jitter, the site's uplink's and HQ's receivers' alike:
+    ``low`` doubled per failed ``attempt`` (0 first), at most ``high``, then a random point
+    in its upper half, so a fleet that lost its broker together does not return in step."""
+    ceiling: float = min(high, low * 2 ** min(attempt, 30))
+    return ceiling * (0.5 + rand() / 2)
 
 
 def split_host(entry: str, default_port: int) -> tuple[str, int]:
