@@ -17,7 +17,7 @@ import urllib.error
 import urllib.request
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TextIO
+from typing import TYPE_CHECKING, Any, TextIO, TypeVar
 
 from agent import __version__
 from agent.config import (
@@ -25,10 +25,13 @@ from agent.config import (
     DEFAULT_CONFIG_PATH,
     DEFAULT_HQ_CONFIG_PATH,
     AgentConfig,
+    MqttConfig,
+    SettingsBase,
     blame_env,
     config_path,
     env_names,
     load_agent_config,
+    load_config,
 )
 from agent.errors import AgentError, ConfigError, ConfigIssue
 from agent.kinds import KINDS
@@ -36,6 +39,8 @@ from agent.ops.install import Resolve, under
 
 if TYPE_CHECKING:
     from hq.config import HqReceiverConfig
+
+_C = TypeVar("_C", bound=SettingsBase)
 
 EXIT_OK, EXIT_DEGRADED, EXIT_CONFIG, EXIT_UNREACHABLE = 0, 1, 2, 3
 # --root's default: an image build (or the README test) sets it once for every command.
@@ -255,40 +260,84 @@ def validated_config(path: str, resolve: Resolve | None = None) -> AgentConfig:
     ``resolve`` (``--root``), the files the config names are read where it says.
     """
     from agent.devices.family import config_issues
+
+    def checks(cfg: AgentConfig, dropped: frozenset[str]) -> list[ConfigIssue]:
+        later: list[ConfigIssue] = []
+        if "api" not in dropped:
+            later.extend(_tokens_file_issues("api.tokens_file", cfg.api.tokens_file))
+        later.extend(config_issues(cfg))
+        if "mqtt" not in dropped:
+            later.extend(_unreadable_mqtt_files(cfg.mqtt))
+            from agent.ops.config_checks import mqtt_issues
+
+            later.extend(mqtt_issues(cfg.mqtt))
+            if cfg.mqtt.hq_key_file:
+                from agent.proof import KeyFileError, read_site_key
+
+                try:
+                    read_site_key(cfg.mqtt.hq_key_file)
+                except KeyFileError as exc:
+                    later.append(ConfigIssue("mqtt.hq_key_file", str(exc).split(": ", 1)[1]))
+        return later
+
+    return _validated(path, AgentConfig, resolve, checks)
+
+
+def validated_hq_config(path: str, resolve: Resolve | None = None) -> HqReceiverConfig:
+    """Load an HQ config and check the files the receiver reads, as one list of issues."""
+    from agent.proof import KeyFileError, read_master_key
+    from hq.config import HqReceiverConfig
+
+    def checks(cfg: HqReceiverConfig, dropped: frozenset[str]) -> list[ConfigIssue]:
+        later: list[ConfigIssue] = []
+        if "mqtt" not in dropped:
+            later.extend(_unreadable_mqtt_files(cfg.mqtt,
+                                                hint=" (edge-agent hq pki init makes it)"))
+        if "hq" not in dropped:
+            if cfg.hq.master_key_file:
+                try:
+                    read_master_key(cfg.hq.master_key_file)
+                except KeyFileError as exc:
+                    later.append(ConfigIssue("hq.master_key_file",
+                                             str(exc).split(": ", 1)[1]))
+            if cfg.hq.http_port:
+                later.extend(_tokens_file_issues("hq.tokens_file", cfg.hq.tokens_file))
+        return later
+
+    return _validated(path, HqReceiverConfig, resolve, checks)
+
+
+def _validated(path: str, cls: type[_C], resolve: Resolve | None,
+               checks: Callable[[_C, frozenset[str]], list[ConfigIssue]]) -> _C:
+    """Load ``path`` as ``cls`` and run ``checks`` (files, drivers) on it: every problem
+    in one pass, the checks on what did validate (the sections left out are ``dropped``),
+    a value from the environment named by its variable."""
     from agent.ops.install import rooted
 
     try:
-        cfg = load_agent_config(path, rooted(resolve) if resolve else None)
+        cfg = load_config(path, cls, rooted(resolve) if resolve else None)
         issues: list[ConfigIssue] = []
         dropped: frozenset[str] = frozenset()
     except ConfigError as exc:
-        # Every problem in one pass: the checks below run on what did validate.
-        if not isinstance(exc.partial, AgentConfig):
+        if not isinstance(exc.partial, cls):
             raise
         cfg, issues, dropped = exc.partial, list(exc.issues), exc.dropped
-    later: list[ConfigIssue] = []
-    if "api" not in dropped:
-        later.extend(_tokens_file_issues("api.tokens_file", cfg.api.tokens_file))
-    later.extend(config_issues(cfg))
-    if "mqtt" not in dropped:
-        for key in ("ca_file", "cert_file", "key_file", "password_file"):
-            value = getattr(cfg.mqtt, key)
-            if value and not _readable(value):
-                later.append(ConfigIssue(f"mqtt.{key}", f"cannot read {value}"))
-        from agent.ops.config_checks import mqtt_issues
-
-        later.extend(mqtt_issues(cfg.mqtt))
-        if cfg.mqtt.hq_key_file:
-            from agent.proof import KeyFileError, read_site_key
-
-            try:
-                read_site_key(cfg.mqtt.hq_key_file)
-            except KeyFileError as exc:
-                later.append(ConfigIssue("mqtt.hq_key_file", str(exc).split(": ", 1)[1]))
-    issues.extend(blame_env(later, env_names(AgentConfig)))
+    issues.extend(blame_env(checks(cfg, dropped), env_names(cls)))
     if issues:
         raise ConfigError(path, issues)
     return cfg
+
+
+def _unreadable_mqtt_files(mqtt: MqttConfig, hint: str = "") -> list[ConfigIssue]:
+    """``mqtt.*_file`` keys naming a file this process cannot read (``hint`` after the
+    certificate and key files' message: where they come from)."""
+    issues = []
+    for key in ("ca_file", "cert_file", "key_file", "password_file"):
+        value = getattr(mqtt, key)
+        if value and not _readable(value):
+            where = hint if key != "password_file" else ""
+            issues.append(ConfigIssue(f"mqtt.{key}", f"cannot read {value}{where}"))
+    return issues
 
 
 def _tokens_file_issues(key: str, path: str) -> list[ConfigIssue]:
@@ -304,41 +353,6 @@ def _tokens_file_issues(key: str, path: str) -> list[ConfigIssue]:
     except AgentError as exc:
         return [ConfigIssue(key, str(exc))]
     return []
-
-
-def validated_hq_config(path: str, resolve: Resolve | None = None) -> HqReceiverConfig:
-    """Load an HQ config and check the files the receiver reads, as one list of issues."""
-    from agent.ops.install import rooted
-    from agent.proof import KeyFileError, read_master_key
-    from hq.config import HqReceiverConfig, load_hq_config
-
-    try:
-        cfg = load_hq_config(path, rooted(resolve) if resolve else None)
-        issues: list[ConfigIssue] = []
-        dropped: frozenset[str] = frozenset()
-    except ConfigError as exc:
-        if not isinstance(exc.partial, HqReceiverConfig):
-            raise
-        cfg, issues, dropped = exc.partial, list(exc.issues), exc.dropped
-    later: list[ConfigIssue] = []
-    if "mqtt" not in dropped:
-        for key in ("ca_file", "cert_file", "key_file", "password_file"):
-            value = getattr(cfg.mqtt, key)
-            if value and not _readable(value):
-                hint = " (edge-agent hq pki init makes it)" if key != "password_file" else ""
-                later.append(ConfigIssue(f"mqtt.{key}", f"cannot read {value}{hint}"))
-    if "hq" not in dropped:
-        if cfg.hq.master_key_file:
-            try:
-                read_master_key(cfg.hq.master_key_file)
-            except KeyFileError as exc:
-                later.append(ConfigIssue("hq.master_key_file", str(exc).split(": ", 1)[1]))
-        if cfg.hq.http_port:
-            later.extend(_tokens_file_issues("hq.tokens_file", cfg.hq.tokens_file))
-    issues.extend(blame_env(later, env_names(HqReceiverConfig)))
-    if issues:
-        raise ConfigError(path, issues)
-    return cfg
 
 
 def _is_hq_file(path: str) -> bool:
