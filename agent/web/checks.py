@@ -174,17 +174,13 @@ def idempotency_key(request: Request) -> str | None:
     raise ApiProblem(400, f"Idempotency-Key: {message}", "Idempotency-Key")
 
 
-def require_json(request: Request) -> None:
-    """415 unless the body is declared JSON (``application/json`` or ``application/*+json``)."""
+async def json_body(request: Request) -> dict[str, Any]:
+    """The request's body as one JSON object, checked as every route with a body checks it:
+    415 unless it is declared JSON (``application/json`` or ``application/*+json``)."""
     if not content_type_is_json(request):
         got = request.headers.get("content-type")
         raise ApiProblem(415, "Content-Type: must be application/json"
                               + (f", not {shown(got)}" if got else " (missing)"),
                          "Content-Type", reason="unsupported_media_type")
-
-
-async def json_body(request: Request) -> dict[str, Any]:
-    """The request's body as one JSON object, checked as every route with a body checks it."""
-    require_json(request)
     return parse_json_object(await request.body())
 

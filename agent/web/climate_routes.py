@@ -25,7 +25,7 @@ from fastapi import APIRouter
 
 from agent.devices.climate_history import MINUTE_S, RETENTION_S
 from agent.web.caller import Caller
-from agent.web.problems import ApiProblem
+from agent.web.problems import ApiProblem, shown
 from drivers.sensor.rooms import BAND_QUANTITIES, Band
 
 if TYPE_CHECKING:
@@ -40,10 +40,6 @@ def _band(band: Band) -> dict[str, float | None]:
     return {"low": band.low, "high": band.high}
 
 
-def _shown(text: str, limit: int = 40) -> str:
-    return repr(text if len(text) <= limit else text[:limit] + "...")
-
-
 def _hours(raw: str | None) -> float:
     if raw is None:
         return MAX_HOURS
@@ -53,7 +49,7 @@ def _hours(raw: str | None) -> float:
         hours = math.nan
     if not (math.isfinite(hours) and 0 < hours <= MAX_HOURS):
         raise ApiProblem(422, f"hours: must be a number of hours, more than 0 and at most "
-                              f"{MAX_HOURS:g}, not {_shown(raw)}", "hours")
+                              f"{MAX_HOURS:g}, not {shown(raw)}", "hours")
     return hours
 
 
@@ -110,7 +106,7 @@ def climate_router(svc: ClimateService) -> APIRouter:
         entry = svc.sensors.get(device)
         if entry is None:
             known = ", ".join(sorted(svc.sensors)) or "none configured"
-            raise ApiProblem(404, f"device: no sensor {_shown(device)} (sensors: {known})",
+            raise ApiProblem(404, f"device: no sensor {shown(device)} (sensors: {known})",
                              "device", reason="unknown_device")
         span_h = _hours(hours)
         store = svc.history
