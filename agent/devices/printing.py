@@ -807,15 +807,6 @@ class PrinterService(BaseService):
         return handle
 
 
-
-def job_outcomes(counts: dict[str, int]) -> dict[str, int]:
-    """A printer's finished jobs by final outcome, each job in exactly one: ``failed``
-    in the status counts every job never printed, ``expired`` among them."""
-    expired = counts.get("expired", 0)
-    return {"printed": counts.get("printed", 0), "sent": counts.get("sent", 0),
-            "expired": expired, "failed": max(0, counts.get("failed", 0) - expired)}
-
-
 # -- edge-agent print-preview -------------------------------------------------------------
 
 

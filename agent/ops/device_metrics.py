@@ -14,7 +14,6 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 
 from agent.devices.family import Service
-from agent.devices.printing import job_outcomes
 
 if TYPE_CHECKING:
     from agent.devices.climate import ClimateService
@@ -140,6 +139,14 @@ class ClimateCollector(Collector):
             open_alarms.add_metric([room], len(svc.alarms.for_room(room)))
         yield from gauges.values()
         yield from (valid, readings, invalid, alarms, open_alarms)
+
+
+def job_outcomes(counts: dict[str, int]) -> dict[str, int]:
+    """A printer's finished jobs by final outcome, each job in exactly one: ``failed``
+    in the status counts every job never printed, ``expired`` among them."""
+    expired = counts.get("expired", 0)
+    return {"printed": counts.get("printed", 0), "sent": counts.get("sent", 0),
+            "expired": expired, "failed": max(0, counts.get("failed", 0) - expired)}
 
 
 class PrinterCollector(Collector):
