@@ -39,7 +39,6 @@ RULES: tuple[KindRule, ...] = (
     KindRule("device", 4, 64, bulk=False, when_full="headroom", compliance=False),
     KindRule("alarm", 2, 64, bulk=False, when_full="headroom", compliance=False),
 )
-BY_KIND = {rule.kind: rule for rule in RULES}
 
 # The contract's order (CONTRACT 4's topics, the API's enum).
 KINDS: tuple[str, ...] = tuple(rule.kind for rule in RULES)
