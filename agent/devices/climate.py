@@ -20,7 +20,8 @@ the outbox): a room still out of band is not raised a second time, and one
 that recovered while the agent was down is cleared once it is seen back in band.
 
 The routes (``/v1/sensors``, ``/v1/sensors/{device}/history``, ``/v1/rooms``)
-and the Prometheus collector are in ``agent/web/climate_routes.py``.
+are in ``agent/web/climate_routes.py``, the Prometheus collector in
+``agent/ops/device_metrics.py``.
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ from collections import Counter, deque
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from agent.config import AgentConfig, device_where
 from agent.devices.climate_history import History
@@ -49,9 +50,6 @@ from drivers.sensor.errors import SensorConfigError
 from drivers.sensor.reader import SensorPoller, SensorSource, SensorSpec
 from drivers.sensor.reading import Reading
 from drivers.sensor.rooms import AlarmCleared, AlarmEdge, RoomMonitor, RoomSpec
-
-if TYPE_CHECKING:
-    pass
 
 log = logging.getLogger(__name__)
 
