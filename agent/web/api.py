@@ -58,6 +58,7 @@ from agent.web.checks import (
 from agent.web.context import ApiContext
 from agent.web.middleware import BodyLimit, RequestAccounting
 from agent.web.openapi_doc import complete as complete_openapi
+from agent.web.page import install_page
 from agent.web.problems import (
     ApiProblem,
     ErrorBody,
@@ -363,13 +364,13 @@ def create_app(ctx: ApiContext, routers: Iterable[APIRouter] = ()) -> FastAPI:
         return app.openapi_schema
 
     app.openapi = _openapi  # type: ignore[method-assign]
-    # The site page (GET /, /static, sign-in, the live status stream) and the
-    # families' routes; imported here because they build on this module's Caller
-    # and ApiProblem.
-    from agent.web.family_routes import family_routers
-    from agent.web.page import install_page
-
+    # The site page: GET /, /static, sign-in, the live status stream.
     install_page(app, ctx)
+    # Imported here, not with this module: the route modules import their families and
+    # those their drivers, which the daemon has loaded (in a thread) by the time it
+    # builds the app.
+    from agent.web.family_routes import family_routers
+
     # Device families add their routes (authenticated with the same Caller
     # dependency) and their metrics to this app's registry.
     for router in [*family_routers(ctx.services), *routers]:
